@@ -1,0 +1,1 @@
+"""Text corpora (TFDS, no TensorFlow), the BPE tokenizer and grain input pipelines."""

@@ -1,0 +1,103 @@
+"""A byte-level BPE tokenizer: trained on the train split and saved in the workdir, or loaded from a given file."""
+
+import os
+import pathlib
+
+import jax
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from configs.errors import InputError
+from data.corpus import record_text
+
+EOS = "<|endoftext|>"
+# End-of-document tokens of common Hugging Face tokenizers, for a given tokenizer.json that lacks EOS.
+_KNOWN_EOS = (EOS, "<|end_of_text|>", "</s>", "<eos>")
+_BYTE_ALPHABET = frozenset(pre_tokenizers.ByteLevel.alphabet())
+
+
+def load_or_train_tokenizer(data_config, workdir, train_source) -> tokenizers.Tokenizer:
+    """config.data.tokenizer_path if given; else WORKDIR/tokenizer.json, trained and saved on first use."""
+    if data_config.tokenizer_path:
+        tokenizer = _load(data_config.tokenizer_path, "config.data.tokenizer_path")
+    else:
+        path = pathlib.Path(workdir) / "tokenizer.json"
+        if path.exists():
+            tokenizer = _load(path, "the workdir's tokenizer (delete it to retrain)")
+        else:
+            tokenizer = train_tokenizer(data_config, train_source)
+            if jax.process_index() == 0:
+                _save_atomically(tokenizer, path)
+    if tokenizer.get_vocab_size() > data_config.vocab_size:
+        raise InputError(f"config.data.vocab_size={data_config.vocab_size} is smaller than the "
+                         f"{tokenizer.get_vocab_size()} tokens of the tokenizer; raise it")
+    return tokenizer
+
+
+def train_tokenizer(data_config, train_source) -> tokenizers.Tokenizer:
+    """Deterministic: the same source and config give the same tokenizer on every host."""
+    tokenizer = tokenizers.Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=data_config.vocab_size, special_tokens=[EOS], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_training_texts(data_config, train_source), trainer=trainer)
+    return tokenizer
+
+
+def eos_id(tokenizer: tokenizers.Tokenizer) -> int:
+    """The document separator appended after every document."""
+    for token in _KNOWN_EOS:
+        if (token_id := tokenizer.token_to_id(token)) is not None:
+            return token_id
+    raise ValueError(f"tokenizer has none of the end-of-document tokens {_KNOWN_EOS}")
+
+
+def token_byte_lengths(tokenizer: tokenizers.Tokenizer, vocab_size: int) -> np.ndarray:
+    """UTF-8 bytes each token id adds to decoded text, for bits per byte; 0 for special tokens and unused ids."""
+    lengths = np.zeros(vocab_size, np.int32)
+    special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+    for token_id in range(min(vocab_size, tokenizer.get_vocab_size())):
+        if token_id in special:
+            continue
+        token = tokenizer.id_to_token(token_id)
+        if set(token) <= _BYTE_ALPHABET:
+            # Byte-level BPE spells each byte as one character; decoding a lone token could split a UTF-8 sequence.
+            lengths[token_id] = len(token)
+        else:
+            lengths[token_id] = len(tokenizer.decode([token_id]).encode("utf-8"))
+    return lengths
+
+
+def _training_texts(data_config, train_source):
+    """Documents in source order (a fixed shuffle of files) until tokenizer_train_bytes."""
+    budget = data_config.tokenizer_train_bytes
+    for index in range(len(train_source)):
+        if budget <= 0:
+            return
+        text = record_text(train_source[index], data_config)
+        budget -= len(text.encode("utf-8"))
+        yield text
+
+
+def _load(path, what) -> tokenizers.Tokenizer:
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as error:  # The Rust side raises a bare Exception for missing or malformed files.
+        reason = "does not exist" if not os.path.exists(path) else f"is not a valid tokenizer.json ({error})"
+        raise InputError(f"{what}: {path} {reason}".replace("\n", " ")) from None
+    try:
+        eos_id(tokenizer)
+    except ValueError as error:
+        raise InputError(f"{what}: {path}: {error}") from None
+    return tokenizer
+
+
+def _save_atomically(tokenizer, path: pathlib.Path):
+    """Readers (other hosts, a concurrent evaluate.py) never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tokenizer.save(str(tmp))
+    os.replace(tmp, path)

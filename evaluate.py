@@ -1,0 +1,109 @@
+"""Evaluates the latest checkpoint of a workdir on whatever devices are present.
+
+  python evaluate.py --config=configs/lm.py:tiny --workdir=workdirs/tiny
+
+Reports validation loss, perplexity and bits per byte, prints completions of code prompts from the validation
+split with each configured sampler, and writes everything to WORKDIR/eval_results.json.
+"""
+
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from checkpoints.manager import Checkpoints
+from configs import cli
+from data import corpus, pipeline, tokenizer as tokenizer_lib
+from models import registry
+from parallel import distributed, mesh as mesh_lib
+from samplers.engine import Sampler, SamplerConfig
+from samplers.sampling import SamplingConfig
+from train import next_token_loss
+
+
+def validation_metrics(model, params, batches, token_bytes_V, mesh, rules) -> dict:
+    """Loss (nats/token), perplexity and bits per byte over fixed validation batches."""
+    batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+    token_bytes_V = jnp.asarray(token_bytes_V)
+
+    @jax.jit
+    def sums(params, tokens_BT1):
+        logits_BTV, _ = model.apply({"params": params}, tokens_BT1[:, :-1])
+        targets_BT = tokens_BT1[:, 1:]
+        num_tokens = targets_BT.size
+        return next_token_loss(logits_BTV, targets_BT) * num_tokens, num_tokens, token_bytes_V[targets_BT].sum()
+
+    nll, tokens, num_bytes = 0.0, 0, 0
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for local_BT1 in batches:
+            batch_nll, batch_tokens, batch_bytes = jax.device_get(
+                sums(params, mesh_lib.global_batch(local_BT1, batch_sharding)))
+            nll, tokens, num_bytes = nll + float(batch_nll), tokens + int(batch_tokens), num_bytes + int(batch_bytes)
+    loss = nll / tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": nll / math.log(2) / max(num_bytes, 1),
+            "tokens": tokens}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    distributed.initialize(config.distributed)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Parameters: restored onto this machine's mesh, whatever mesh wrote them.
+    # ---------------------------------------------------------------------------------------------------------
+    model = registry.build(config.model)
+    init_params = lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+    abstract_params, _ = mesh_lib.sharded_abstract(init_params, jax.random.key(0), mesh=mesh, rules=rules)
+    checkpoints = Checkpoints(workdir)
+    step = checkpoints.latest_step()
+    params = checkpoints.restore_params(abstract_params, step)
+    checkpoints.close()
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Validation loss, perplexity, bits per byte.
+    # ---------------------------------------------------------------------------------------------------------
+    sources = corpus.load_corpus(config.data)
+    tokenizer = tokenizer_lib.load_or_train_tokenizer(config.data, workdir, sources["train"])
+    batches = pipeline.eval_batches(config.data, tokenizer, sources["validation"],
+                                    num_batches=config.evaluate.num_batches, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    results = {"step": step, "validation": validation_metrics(
+        model, params, batches, tokenizer_lib.token_byte_lengths(tokenizer, config.model.vocab_size), mesh, rules)}
+    print(f"step {step}: validation loss {results['validation']['loss']:.4f}, "
+          f"perplexity {results['validation']['perplexity']:.2f}, "
+          f"bits per byte {results['validation']['bits_per_byte']:.4f}")
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Completions of code prompts from the validation split, with each sampler.
+    # ---------------------------------------------------------------------------------------------------------
+    prompts = pipeline.validation_prompts(config.data, sources["validation"], config.evaluate.num_prompts,
+                                          config.evaluate.prompt_chars)
+    results["samples"] = {}
+    for name, sampling in config.evaluate.samplers.items():
+        sampler = Sampler(model, params, tokenizer, SamplerConfig(
+            max_new_tokens=config.evaluate.max_new_tokens, stop_tokens=(tokenizer_lib.eos_id(tokenizer),),
+            sampling=SamplingConfig(**sampling)), mesh=mesh, rules=rules)
+        output = sampler.generate(prompts, seed=config.seed)
+        results["samples"][name] = [{"prompt": prompt, "completion": text}
+                                    for prompt, text in zip(prompts, output.text)]
+        if name == "greedy":
+            for prompt, text in zip(prompts, output.text):
+                print(f"{'-' * 80}\n{prompt}\033[1m{text}\033[0m")
+
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, "eval_results.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(path + ".tmp", path)  # A reader never sees half a file, and the old results survive a crash.
+        print(f"results written to {path}")
+    return results
+
+
+if __name__ == "__main__":
+    cli.main(lambda: evaluate(cli.CONFIG.value, cli.WORKDIR.value))

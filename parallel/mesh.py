@@ -1,0 +1,68 @@
+"""The device mesh (data, fsdp, tensor) and the logical-name shardings on it."""
+
+import math
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs.errors import InputError
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+    """A mesh over all devices (of every process); one axis size may be -1 to take what is left."""
+    devices = jax.devices() if devices is None else devices
+    sizes = [mesh_config[axis] for axis in AXES]
+    if sizes.count(-1) > 1 or any(size == 0 or size < -1 for size in sizes):
+        raise InputError(f"config.mesh sizes {dict(zip(AXES, sizes))} must be positive, with at most one -1")
+    known = math.prod(size for size in sizes if size != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise InputError(f"config.mesh: {len(devices)} devices do not divide by the fixed sizes {sizes}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise InputError(f"config.mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices are present")
+    # Auto axes: the compiler propagates shardings from the logical annotations (GSPMD), as MaxText does.
+    return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def logical_shardings(logical_tree, mesh, rules):
+    """NamedShardings for a tree of logical PartitionSpecs (or of values boxed with logical names)."""
+    specs = nn.get_partition_spec(logical_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh, rules) -> NamedSharding:
+    """How a [batch, length] token array is laid out: batch over the data-parallel axes."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch", "act_len"), rules))
+
+
+def global_batch(local_BT: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Assembles the global batch from each process's rows (one process: the whole batch)."""
+    return jax.make_array_from_process_local_data(sharding, local_BT)
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def strip_logical_names(tree):
+    """The values inside logically-named boxes, without adding sharding constraints (safe outside jit)."""
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box)
+
+
+def sharded_abstract(init_fn, *args, mesh, rules):
+    """The shapes `init_fn(*args)` would return, each carrying the sharding its logical names map to, and
+    those shardings; nothing is computed or allocated."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract_boxed = jax.eval_shape(init_fn, *args)
+    shardings = logical_shardings(abstract_boxed, mesh, rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            strip_logical_names(abstract_boxed), shardings)
+    return abstract, shardings

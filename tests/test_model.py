@@ -1,0 +1,129 @@
+"""The Llama decoder: cached decoding reproduces the full forward; remat and the attention switch change nothing."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs.errors import InputError
+from models import registry
+from models.llama import Config, Model
+
+TINY = dict(vocab_size=97, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
+
+
+def init(model, tokens_BT):
+    return nn.meta.unbox(model.init(jax.random.key(1), tokens_BT)["params"])
+
+
+def tokens(batch=3, length=12, vocab=97, seed=0):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab)
+
+
+LIGHTNING = dict(attention="lightning", lightning_block_size=8)
+VARIANTS = {
+    "reference": dict(attention="reference"),
+    "xla": dict(attention="xla"),
+    "pallas": dict(attention="pallas"),
+    "qwen-like": dict(qkv_bias=True, qk_norm=True, tie_embeddings=False),
+    "lightning": LIGHTNING,
+    "lightning-pallas": dict(LIGHTNING, lightning_implementation="pallas"),
+    "hybrid": dict(LIGHTNING, softmax_every=2),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
+def test_cached_decoding_equals_full_forward(variant):
+    model = Model(Config(**TINY, **variant))
+    tokens_BT = tokens()
+    params = init(model, tokens_BT)
+    full_BTV, _ = model.apply({"params": params}, tokens_BT)
+
+    # Prefill right-padded prompts of different lengths in one call, then decode one token at a time.
+    lengths_B = jnp.array([3, 7, 12])
+    prompts_BT = jnp.where(jnp.arange(12)[None] < lengths_B[:, None], tokens_BT, 0)
+    cache = model.init_cache(3, 16)
+    logits_BTV, cache = model.apply({"params": params}, prompts_BT, cache, lengths_B)
+    for b, length in enumerate(lengths_B):
+        np.testing.assert_allclose(logits_BTV[b, :length], full_BTV[b, :length], atol=2e-5)
+    np.testing.assert_array_equal(cache.lengths_B, lengths_B)
+
+    decode = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c))
+    for _ in range(5):
+        positions_B = np.asarray(cache.lengths_B)
+        next_B1 = jnp.take_along_axis(tokens_BT, jnp.minimum(cache.lengths_B, 11)[:, None], axis=1)
+        step_B1V, cache = decode(params, next_B1, cache)
+        for b, position in enumerate(positions_B):
+            if position < 12:
+                np.testing.assert_allclose(step_B1V[b, 0], full_BTV[b, position], atol=2e-5)
+
+
+@pytest.mark.parametrize("variant", [dict(), LIGHTNING], ids=["softmax", "lightning"])
+def test_ragged_chunks_continue_a_cache(variant):
+    """Two ragged multi-token chunks in a row (prefill, then e.g. a speculative block) equal the full forward."""
+    model = Model(Config(**TINY, **variant))
+    tokens_BT = tokens(length=14)
+    params = init(model, tokens_BT)
+    full_BTV, _ = model.apply({"params": params}, tokens_BT)
+    first_B, second_B = jnp.array([2, 5, 7]), jnp.array([6, 3, 7])
+    cache = model.init_cache(3, 16)
+    _, cache = model.apply({"params": params}, tokens_BT[:, :7], cache, first_B)
+    chunk_BT = jnp.stack([jnp.roll(tokens_BT[b], -int(first_B[b]))[:7] for b in range(3)])
+    logits_BTV, cache = model.apply({"params": params}, chunk_BT, cache, second_B)
+    for b in range(3):
+        start, count = int(first_B[b]), int(second_B[b])
+        np.testing.assert_allclose(logits_BTV[b, :count], full_BTV[b, start:start + count], atol=2e-5)
+    np.testing.assert_array_equal(cache.lengths_B, first_B + second_B)
+
+
+def test_lightning_cache_is_a_constant_size_state():
+    model = Model(Config(**TINY, **LIGHTNING))
+    assert model.init_cache(2, 16).max_len is None
+    shapes = {jnp.shape(x) for x in jax.tree.leaves(model.init_cache(2, 4096))}
+    assert shapes == {(2,), (2, 4, 8, 8)}
+    hybrid = Model(Config(**TINY, **LIGHTNING, softmax_every=2)).init_cache(2, 16)
+    assert hybrid.max_len == 16
+
+
+def test_remat_and_attention_implementations_agree():
+    tokens_BT = tokens()
+    params = init(Model(Config(**TINY)), tokens_BT)
+
+    def loss_and_grads(**overrides):
+        model = Model(Config(**TINY, **overrides))
+        loss = lambda p: model.apply({"params": p}, tokens_BT)[0].mean()
+        return jax.value_and_grad(loss)(params)
+
+    expected = loss_and_grads(attention="reference")
+    for overrides in [dict(attention="xla"), dict(remat="full"), dict(remat="dots")]:
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), loss_and_grads(**overrides), expected)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_logits():
+    model = Model(Config(**TINY, dtype="bfloat16"))
+    tokens_BT = tokens()
+    params = init(model, tokens_BT)
+    assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    logits_BTV, _ = model.apply({"params": params}, tokens_BT)
+    reference_BTV, _ = Model(Config(**TINY)).apply({"params": params}, tokens_BT)
+    assert logits_BTV.dtype == jnp.float32
+    np.testing.assert_allclose(logits_BTV, reference_BTV, atol=0.05)
+
+
+def test_parameters_carry_logical_axis_names():
+    boxed = Model(Config(**TINY)).init(jax.random.key(0), tokens())["params"]
+    specs = nn.get_partition_spec(boxed)
+    assert tuple(specs["embedding"]) == ("vocab", "embed")
+    assert tuple(specs["layer_0"]["attention"]["query_kernel"]) == ("embed", "heads", "kv")
+    assert tuple(specs["layer_1"]["mlp"]["down"]["kernel"]) == ("mlp", "embed")
+
+
+def test_registry_builds_by_name_and_rejects_unknown_names():
+    model_config = ml_collections.ConfigDict(dict(name="llama", **TINY))
+    assert isinstance(registry.build(model_config), Model)
+    with pytest.raises(InputError, match="config.model.name='gpt9' is not a model; available: .*llama"):
+        registry.build(ml_collections.ConfigDict(dict(name="gpt9", **TINY)))
+    with pytest.raises(InputError, match="config.model.num_experts is not a field"):
+        registry.build(ml_collections.ConfigDict(dict(name="llama", num_experts=4, **TINY)))

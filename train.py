@@ -1,0 +1,186 @@
+"""Trains a language model, sharded over every device of every process.
+
+  python train.py --config=configs/lm.py:tiny --workdir=workdirs/tiny
+
+Rerunning the same command resumes from the workdir's latest checkpoint with the same data order and losses.
+The sections below are meant to be edited in a fork; `train_and_evaluate(config, workdir)` is importable.
+"""
+
+import math
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from checkpoints.manager import Checkpoints
+from checkpoints.preemption import PreemptionWatch
+from configs import cli
+from configs.errors import InputError, TrainingDiverged
+from data import corpus, pipeline, tokenizer as tokenizer_lib
+from metrics import flops
+from metrics.writer import MetricWriter
+from models import registry
+from parallel import distributed, mesh as mesh_lib
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warmup, cosine decay to a floor, and global-norm gradient clipping."""
+    opt = config.optimizer
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
+        decay_steps=max(config.train.num_steps, opt.warmup_steps + 1),
+        end_value=opt.learning_rate * opt.min_learning_rate_ratio)
+    decay_matrices_only = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # not norms or biases
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(opt.grad_clip_norm),
+        optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                    mask=decay_matrices_only))
+    return optimizer, schedule
+
+
+def next_token_loss(logits_BTV, targets_BT):
+    """Mean cross-entropy in nats per token, in float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT).mean()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Trains until config.train.num_steps (or stop_at_step, or a preemption); returns the logged metrics."""
+    # ---------------------------------------------------------------------------------------------------------
+    # Devices: join the other processes, lay out the mesh, name how logical axes map onto it.
+    # ---------------------------------------------------------------------------------------------------------
+    distributed.initialize(config.distributed)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
+    process_index, process_count = jax.process_index(), jax.process_count()
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Data: the corpus, its tokenizer (trained once, saved in the workdir) and a checkpointable iterator.
+    # ---------------------------------------------------------------------------------------------------------
+    sources = corpus.load_corpus(config.data)
+    tokenizer = tokenizer_lib.load_or_train_tokenizer(config.data, workdir, sources["train"])
+    if tokenizer.get_vocab_size() > config.model.vocab_size:
+        raise InputError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but config.model.vocab_size is "
+                         f"{config.model.vocab_size}; raise config.model.vocab_size")
+    data_iterator = pipeline.train_iterator(config.data, tokenizer, sources["train"], seed=config.data.shuffle_seed,
+                                            process_index=process_index, process_count=process_count)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Model and optimizer.
+    # ---------------------------------------------------------------------------------------------------------
+    model = registry.build(config.model)
+    optimizer, schedule = make_optimizer(config)
+    seq_len = config.data.seq_len
+
+    def init_state(rng):
+        params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Train state: shardings come from the logical names on the abstract state; parameters are created
+    # directly sharded, or restored from the workdir's latest checkpoint onto the same shardings.
+    # ---------------------------------------------------------------------------------------------------------
+    abstract_state, state_shardings = mesh_lib.sharded_abstract(init_state, jax.random.key(config.seed), mesh=mesh,
+                                                                rules=rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints)
+        start_step = checkpoints.latest_step()
+        if start_step is not None:
+            state = checkpoints.restore(start_step, abstract_state, data_iterator)
+        else:
+            if config.init_from:
+                raise InputError(f"config.init_from={config.init_from!r}: no importer is installed for it yet")
+            start_step = 0
+            state = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)),
+                            out_shardings=state_shardings)(jax.random.key(config.seed))
+
+    num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract_state["params"]))
+    lookup_only = 0 if config.model.tie_embeddings else config.model.vocab_size * config.model.embed_dim
+    flops_per_token = flops.training_flops_per_token(num_params, lookup_only, config.model.num_layers,
+                                                     config.model.num_heads * config.model.head_dim, seq_len)
+    peak_flops = flops.peak_flops_per_device(config.train.peak_flops_per_device)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # The train step: one jitted function, state donated, shardings pinned on the way in and out.
+    # ---------------------------------------------------------------------------------------------------------
+    def train_step(state, tokens_BT1):
+        def loss_fn(params):
+            logits_BTV, _ = model.apply({"params": params}, tokens_BT1[:, :-1])
+            return next_token_loss(logits_BTV, tokens_BT1[:, 1:])
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
+                   "learning_rate": schedule(state["step"])}
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                             out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+
+    # ---------------------------------------------------------------------------------------------------------
+    # The loop. Step t's metrics are read after step t+1 is dispatched, so the host never idles the devices;
+    # a checkpoint is written only once its step's loss and norms are known to be finite.
+    # ---------------------------------------------------------------------------------------------------------
+    writer = MetricWriter(workdir)
+    preemption = PreemptionWatch()
+    history = []
+    tokens_per_step = config.data.global_batch_size * seq_len
+    last_log = {"time": time.perf_counter(), "step": start_step}
+    progress = tqdm.tqdm(total=config.train.num_steps, initial=start_step, desc="train", unit="step",
+                         disable=process_index != 0, dynamic_ncols=True)
+
+    def report(step, metrics):
+        metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
+        bad = [name for name in ("loss", "grad_norm", "param_norm") if not np.isfinite(metrics[name])]
+        if bad:
+            checkpoints.wait_until_finished()
+            raise TrainingDiverged(f"non-finite {', '.join(bad)} at step {step}; training stopped, the last good "
+                                   f"checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory}")
+        if step % config.train.log_every == 0 or step == config.train.num_steps:
+            elapsed = time.perf_counter() - last_log["time"]
+            tokens_per_second = (step - last_log["step"]) * tokens_per_step / max(elapsed, 1e-9)
+            metrics["tokens_per_second"] = tokens_per_second
+            if peak_flops:
+                metrics["mfu"] = tokens_per_second * flops_per_token / (peak_flops * jax.device_count())
+            last_log.update(time=time.perf_counter(), step=step)
+            writer.write(step, metrics)
+            history.append({"step": step, **metrics})
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+
+    pending = None
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            for step in range(start_step + 1, config.train.num_steps + 1):
+                local_BT1 = next(data_iterator)
+                state, metrics = train_step(state, mesh_lib.global_batch(local_BT1, batch_sharding))
+                if pending:
+                    report(*pending)
+                pending = (step, metrics)
+                progress.update(1)
+                stopping = step == config.train.stop_at_step or preemption.reached(step)
+                if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or stopping:
+                    report(*pending)
+                    pending = None
+                    checkpoints.save(state, data_iterator)
+                if stopping:
+                    break
+            if pending:
+                report(*pending)
+    finally:
+        progress.close()
+        preemption.close()
+        checkpoints.wait_until_finished()
+        checkpoints.close()
+        writer.close()
+    return history
+
+
+if __name__ == "__main__":
+    cli.main(lambda: train_and_evaluate(cli.CONFIG.value, cli.WORKDIR.value))
