@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from checkpoints import huggingface
 from checkpoints.manager import Checkpoints
 from configs import cli
 from data import corpus, pipeline, tokenizer as tokenizer_lib
@@ -50,8 +51,12 @@ def validation_metrics(model, params, batches, token_bytes_V, mesh, rules) -> di
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Evaluates the workdir's latest checkpoint, or the `config.init_from` checkpoint when it has none."""
+    hf_checkpoint = huggingface.parse_init_from(config.init_from)
+    if hf_checkpoint:
+        config = huggingface.adopt_checkpoint_config(config, hf_checkpoint)
     distributed.initialize(config.distributed)
-    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh = mesh_lib.make_mesh_for_present_devices(config.mesh)
     rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -59,10 +64,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------------------------------------------------
     model = registry.build(config.model)
     init_params = lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
-    abstract_params, _ = mesh_lib.sharded_abstract(init_params, jax.random.key(0), mesh=mesh, rules=rules)
+    abstract_params, param_shardings = mesh_lib.sharded_abstract(init_params, jax.random.key(0), mesh=mesh,
+                                                                 rules=rules)
     checkpoints = Checkpoints(workdir)
     step = checkpoints.latest_step()
-    params = checkpoints.restore_params(abstract_params, step)
+    if step is None and hf_checkpoint:
+        params = huggingface.load_hf_params(hf_checkpoint, config.model, param_shardings)
+    else:
+        params = checkpoints.restore_params(abstract_params, step)
     checkpoints.close()
 
     # ---------------------------------------------------------------------------------------------------------
@@ -73,7 +82,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batches = pipeline.eval_batches(config.data, tokenizer, sources["validation"],
                                     num_batches=config.evaluate.num_batches, process_index=jax.process_index(),
                                     process_count=jax.process_count())
-    results = {"step": step, "validation": validation_metrics(
+    results = {"step": step, "checkpoint": config.init_from if step is None else checkpoints.directory,
+               "validation": validation_metrics(
         model, params, batches, tokenizer_lib.token_byte_lengths(tokenizer, config.model.vocab_size), mesh, rules)}
     print(f"step {step}: validation loss {results['validation']['loss']:.4f}, "
           f"perplexity {results['validation']['perplexity']:.2f}, "

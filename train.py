@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import tqdm
 
+from checkpoints import huggingface
 from checkpoints.manager import Checkpoints
 from checkpoints.preemption import PreemptionWatch
 from configs import cli
@@ -53,6 +54,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     # ---------------------------------------------------------------------------------------------------------
     # Devices: join the other processes, lay out the mesh, name how logical axes map onto it.
     # ---------------------------------------------------------------------------------------------------------
+    hf_checkpoint = huggingface.parse_init_from(config.init_from)
+    if hf_checkpoint:
+        config = huggingface.adopt_checkpoint_config(config, hf_checkpoint)
     distributed.initialize(config.distributed)
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
@@ -81,8 +85,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
 
     # ---------------------------------------------------------------------------------------------------------
-    # Train state: shardings come from the logical names on the abstract state; parameters are created
-    # directly sharded, or restored from the workdir's latest checkpoint onto the same shardings.
+    # Train state: shardings come from the logical names on the abstract state. Restore order: the workdir's
+    # latest checkpoint, else config.init_from (fine-tuning), else parameters created directly sharded.
     # ---------------------------------------------------------------------------------------------------------
     abstract_state, state_shardings = mesh_lib.sharded_abstract(init_state, jax.random.key(config.seed), mesh=mesh,
                                                                 rules=rules)
@@ -91,9 +95,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         start_step = checkpoints.latest_step()
         if start_step is not None:
             state = checkpoints.restore(start_step, abstract_state, data_iterator)
+        elif hf_checkpoint:
+            start_step = 0
+            params = huggingface.load_hf_params(hf_checkpoint, config.model, state_shardings["params"])
+            state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                     "opt_state": jax.jit(optimizer.init, out_shardings=state_shardings["opt_state"])(params)}
         else:
-            if config.init_from:
-                raise InputError(f"config.init_from={config.init_from!r}: no importer is installed for it yet")
             start_step = 0
             state = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)),
                             out_shardings=state_shardings)(jax.random.key(config.seed))

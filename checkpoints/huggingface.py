@@ -229,6 +229,13 @@ def _read_block(tensor, layout: str, index: tuple, shape: tuple) -> np.ndarray:
 # Import
 # ---------------------------------------------------------------------------------------------------------------
 
+def _open_safetensors(file: str, stack: contextlib.ExitStack):
+    try:
+        return stack.enter_context(safetensors.safe_open(file, framework="numpy"))
+    except (safetensors.SafetensorError, OSError) as error:
+        raise InputError(f"{file} is not a readable safetensors file: {' '.join(str(error).split())}") from None
+
+
 def _open_tensors(path: str, stack: contextlib.ExitStack) -> tuple[dict, str]:
     """{HF tensor name: (open safetensors file, its path)} and the file that lists them, without reading data."""
     index_file = os.path.join(path, "model.safetensors.index.json")
@@ -237,15 +244,19 @@ def _open_tensors(path: str, stack: contextlib.ExitStack) -> tuple[dict, str]:
         weight_map = _read_json(index_file).get("weight_map")
         if not isinstance(weight_map, dict):
             raise InputError(f"{index_file} has no weight_map")
-        files = {}
+        files, held = {}, {}
         for shard in sorted(set(weight_map.values())):
             file = os.path.join(path, shard)
             if not os.path.isfile(file):
                 raise InputError(f"{index_file} lists the shard {shard}, which is missing from {path}")
-            files[shard] = stack.enter_context(safetensors.safe_open(file, framework="numpy"))
+            files[shard] = _open_safetensors(file, stack)
+            held[shard] = set(files[shard].keys())
+        for name, shard in weight_map.items():
+            if name not in held[shard]:
+                raise InputError(f"{index_file} places tensor {name} in {shard}, which does not hold it")
         return {name: (files[shard], os.path.join(path, shard)) for name, shard in weight_map.items()}, index_file
     if os.path.isfile(single_file):
-        handle = stack.enter_context(safetensors.safe_open(single_file, framework="numpy"))
+        handle = _open_safetensors(single_file, stack)
         return {name: (handle, single_file) for name in handle.keys()}, single_file
     pickles = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
     if pickles:
@@ -282,9 +293,9 @@ def _check_matches(path: str, model_config: ml_collections.ConfigDict) -> None:
 def load_hf_params(path: str, model_config: ml_collections.ConfigDict, shardings=None):
     """The decoder's parameters (float32) from PATH's safetensors, placed tensor by tensor.
 
-    `shardings` is a tree of NamedShardings matching the parameters (see `param_shardings`); each device reads
-    only its own block of each tensor, so no host or device ever holds a whole sharded tensor. Without it the
-    parameters go to the first device.
+    `shardings` is a tree of NamedShardings matching the parameters (see `param_shardings`). Each device's block
+    of each tensor is read from disk on its own, so a device never holds more than its shard and a host reads only
+    its own devices' blocks. Without `shardings` the parameters go to the first device.
     """
     _check_matches(path, model_config)
     abstract = mesh_lib.strip_logical_names(abstract_params(registry.build(model_config)))
@@ -343,13 +354,31 @@ def load_tokenizer(file: str, vocab_size: int) -> tokenizers.Tokenizer:
 
 
 def load(path: str, *, dtype: str = "float32", attention: str = "xla", mesh=None, rules=None):
-    """(model, params, tokenizer) from a Hugging Face directory; sharded on `mesh` by `rules` when given."""
+    """(model, params, tokenizer) from a Hugging Face directory.
+
+    With a `mesh`, parameters are sharded by the logical-axis `rules` (default: configs/lm.py's table).
+    """
     model_config = model_config_from_hf(path)
     model_config.update(dtype=dtype, attention=attention)
     model = registry.build(model_config)
     tokenizer = load_tokenizer(os.path.join(path, "tokenizer.json"), model_config.vocab_size)
+    if rules is None:
+        rules = lm.get_config().logical_axis_rules
     shardings = None if mesh is None else param_shardings(model, mesh, rules)
     return model, load_hf_params(path, model_config, shardings), tokenizer
+
+
+def adopt_checkpoint_config(config: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
+    """A copy of `config` whose model is PATH's (its runtime fields kept) and whose tokenizer is PATH's, so
+    `--config.init_from=hf:PATH` needs no other flag."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key, value in model_config_from_hf(path).items():
+        if key not in _RUNTIME_FIELDS:
+            config.model[key] = value
+    config.data.vocab_size = config.model.vocab_size
+    if not config.data.tokenizer_path:
+        config.data.tokenizer_path = os.path.join(path, "tokenizer.json")
+    return config
 
 
 def parse_init_from(init_from: str) -> str:

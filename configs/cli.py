@@ -1,5 +1,6 @@
 """Flag parsing for the entrypoints: a bad flag, config key or input is one line on stderr, never a traceback."""
 
+import re
 import sys
 from typing import Callable
 
@@ -16,13 +17,13 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, the t
 
 def _one_line(error: Exception, argv: list[str]) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if isinstance(error, AttributeError) and lines:
-        # A locked ConfigDict rejects an unknown key with "'key'\nDid you mean ...": name the whole flag instead.
-        key = lines[0].strip("'\"")
+    if isinstance(error, (AttributeError, KeyError)) and lines:
+        # A locked ConfigDict rejects an unknown key as "'key'" plus maybe 'Did you mean "other"': name the flag.
+        key = re.search(r"'(\w+)", str(error)).group(1)
         flag = next((arg.split("=")[0] for arg in argv if arg.startswith("--config.") and
-                     arg.split("=")[0].split(".")[-1] == key), f"--config...{key}")
-        hint = f" ({lines[-1]})" if len(lines) > 1 else ""
-        return f"unknown config key {flag}{hint}"
+                     key in arg.split("=")[0].split(".")), f"--config.{key}")
+        suggestion = re.search(r'Did you mean "(\w+)"', str(error))
+        return f"unknown config key {flag}" + (f" (did you mean {suggestion.group(1)}?)" if suggestion else "")
     if isinstance(error, OSError):
         return f"cannot load --config: {lines[-1]}"
     return lines[-1] if lines else type(error).__name__
@@ -35,7 +36,9 @@ def main(run: Callable[[], object], argv: list[str] | None = None) -> None:
         flags.FLAGS(argv)
         if CONFIG.value is None or WORKDIR.value is None:
             raise InputError("both --config=FILE:PRESET and --workdir=DIR are required")
-    except (flags.Error, AttributeError, OSError, InputError) as error:
+        CONFIG.value.keys()  # a config file that failed to load raises only when first read
+
+    except (flags.Error, AttributeError, KeyError, OSError, InputError) as error:
         _exit(_one_line(error, argv))
     try:
         run()

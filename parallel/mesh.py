@@ -3,6 +3,7 @@
 import math
 
 import flax.linen as nn
+from absl import logging as absl_logging
 import jax
 import ml_collections
 import numpy as np
@@ -29,6 +30,17 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.shard
         raise InputError(f"config.mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices are present")
     # Auto axes: the compiler propagates shardings from the logical annotations (GSPMD), as MaxText does.
     return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def make_mesh_for_present_devices(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """`config.mesh` if it fits the devices present, else all of them data-parallel: evaluation of a pod run
+    on one GPU keeps the pod's config."""
+    try:
+        return make_mesh(mesh_config)
+    except InputError:
+        absl_logging.info("config.mesh %s does not fit the %d devices present; evaluating data-parallel",
+                          mesh_config.to_dict(), jax.device_count())
+        return make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
 
 
 def logical_shardings(logical_tree, mesh, rules):

@@ -113,7 +113,8 @@ class Sampler:
             if token >= vocab_size:
                 raise InputError(f"SamplerConfig.stop_tokens: {token} is outside the vocabulary [0, {vocab_size})")
         if config.cache_len > max_seq_len:
-            raise InputError(f"SamplerConfig.cache_len={config.cache_len} exceeds the model's max_seq_len={max_seq_len}")
+            raise InputError(
+                f"SamplerConfig.cache_len={config.cache_len} exceeds the model's max_seq_len={max_seq_len}")
         if config.stop_sequences and tokenizer is None:
             raise InputError("SamplerConfig.stop_sequences need a tokenizer; pass one to Sampler")
         self._sequence_ids = stopping.stop_sequence_ids(tokenizer, config.stop_sequences) if tokenizer else ()
@@ -124,10 +125,14 @@ class Sampler:
         if mesh is not None:
             self._batch_axes = nn.logical_to_mesh_axes(("cache_batch",), rules)[0]
             self._data_parallel = math.prod(mesh.shape[a] for a in jax.tree.leaves(self._batch_axes))
-            params = jax.device_put(params, self._param_shardings(params))
+            params = jax.device_put(params, self._param_shardings())
             jit_kwargs["out_shardings"] = self._state_shardings()
         else:
             self._data_parallel = 1
+        # The model casts each matrix to its compute dtype at every step; casting once instead halves the bytes a
+        # bfloat16 decode step reads. Vectors (norm scales) stay float32, as the model uses them.
+        dtype = jnp.dtype(model.config.dtype)
+        params = jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 and x.dtype != dtype else x, params)
         self.params = params
         self._prefill = jax.jit(self._prefill_fn, static_argnames="cache_len", **jit_kwargs)
         self._decode = jax.jit(self._decode_fn, donate_argnames="state", **jit_kwargs)
@@ -150,16 +155,43 @@ class Sampler:
 
     def generate_tokens(self, prompt_tokens: list[list[int]], *, seed: int = 0) -> SamplerOutput:
         """Completes each prompt given as token ids."""
+        return self.output(self.decode(self.prefill(prompt_tokens, seed=seed)), len(prompt_tokens))
+
+    def prefill(self, prompt_tokens: list[list[int]], *, seed: int = 0) -> SamplingState:
+        """The state after the prompts are in the cache and each row's first token is sampled (batch padded)."""
         prompt_BP, lengths_B, cache_len = self._pad_prompts(prompt_tokens)
-        num_prompts = len(prompt_tokens)
-        live_B = np.arange(len(lengths_B)) < num_prompts
+        live_B = np.arange(len(lengths_B)) < len(prompt_tokens)
         with self._sharding_context():
-            state = self._prefill(self.params, *self._put_batch(prompt_BP, lengths_B, live_B),
-                                  jax.random.key(seed), cache_len=cache_len)
-            state = self._decode(self.params, state)
-            tokens_BN, log_probs_BN, num_tokens_B = (
-                self._fetch(x) for x in (state.tokens_BN, state.log_probs_BN, state.num_tokens_B))
-        return self._output(tokens_BN[:num_prompts], log_probs_BN[:num_prompts], num_tokens_B[:num_prompts])
+            return self._prefill(self.params, *self._put_batch(prompt_BP, lengths_B, live_B), jax.random.key(seed),
+                                 cache_len=cache_len)
+
+    def decode(self, state: SamplingState) -> SamplingState:
+        """Runs the decode loop to the end; `state` is donated."""
+        with self._sharding_context():
+            return self._decode(self.params, state)
+
+    def output(self, state: SamplingState, num_prompts: int) -> SamplerOutput:
+        """The first `num_prompts` rows of a finished state as tokens, text, log-probs and stop reasons."""
+        tokens_BN, log_probs_BN, num_tokens_B = (
+            self._fetch(x)[:num_prompts] for x in (state.tokens_BN, state.log_probs_BN, state.num_tokens_B))
+        stop_tokens, max_new = set(self.config.stop_tokens), self.config.max_new_tokens
+        output = SamplerOutput([], [], [], [])
+        for row_tokens, row_log_probs, n in zip(tokens_BN, log_probs_BN, num_tokens_B):
+            tokens, log_probs = row_tokens[:n].tolist(), row_log_probs[:n].tolist()
+            if tokens and tokens[-1] in stop_tokens:
+                reason, text_tokens = "stop_token", tokens[:-1]
+            else:
+                reason, text_tokens = ("max_new_tokens" if n == max_new else "cache_full"), tokens
+            text = self.tokenizer.decode(text_tokens) if self.tokenizer is not None else ""
+            cut = stopping.cut_at_stop_sequence(self.tokenizer, text_tokens, text, self.config.stop_sequences)
+            if cut is not None:
+                (tokens, text), reason = cut, "stop_sequence"
+                log_probs = log_probs[:len(tokens)]
+            output.tokens.append(tokens)
+            output.text.append(text)
+            output.log_probs.append(log_probs)
+            output.stop_reason.append(reason)
+        return output
 
     def _pad_prompts(self, prompt_tokens):
         """Prompts right-padded to [batch, bucket] with their lengths, and the cache length for that bucket."""
@@ -192,26 +224,6 @@ class Sampler:
             lengths_B[i] = len(prompt)
         return prompt_BP, lengths_B, cache_len
 
-    def _output(self, tokens_BN, log_probs_BN, num_tokens_B) -> SamplerOutput:
-        stop_tokens, max_new = set(self.config.stop_tokens), self.config.max_new_tokens
-        output = SamplerOutput([], [], [], [])
-        for row_tokens, row_log_probs, n in zip(tokens_BN, log_probs_BN, num_tokens_B):
-            tokens, log_probs = row_tokens[:n].tolist(), row_log_probs[:n].tolist()
-            if tokens and tokens[-1] in stop_tokens:
-                reason, text_tokens = "stop_token", tokens[:-1]
-            else:
-                reason, text_tokens = ("max_new_tokens" if n == max_new else "cache_full"), tokens
-            text = self.tokenizer.decode(text_tokens) if self.tokenizer is not None else ""
-            cut = stopping.cut_at_stop_sequence(self.tokenizer, text_tokens, text, self.config.stop_sequences)
-            if cut is not None:
-                (tokens, text), reason = cut, "stop_sequence"
-                log_probs = log_probs[:len(tokens)]
-            output.tokens.append(tokens)
-            output.text.append(text)
-            output.log_probs.append(log_probs)
-            output.stop_reason.append(reason)
-        return output
-
     # ---------------------------------------------------------------------------------------------------------
     # Sharding.
     # ---------------------------------------------------------------------------------------------------------
@@ -224,7 +236,7 @@ class Sampler:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             yield
 
-    def _param_shardings(self, params):
+    def _param_shardings(self):
         """The shardings the parameters' logical names map to (params arrive unboxed, so init is re-traced)."""
         tokens_BT = jnp.zeros((1, 1), jnp.int32)
         with self._sharding_context():

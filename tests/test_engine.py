@@ -17,6 +17,7 @@ from configs import lm
 from configs.errors import InputError
 from models.llama import Config, Model
 from parallel import mesh as mesh_lib
+from samplers import stopping
 from samplers.engine import Sampler, SamplerConfig
 from samplers.sampling import SamplingConfig
 
@@ -67,7 +68,8 @@ def params(model_config):
 
 @pytest.fixture(scope="module")
 def greedy(model_config, params, tokenizer):
-    return Sampler(Model(model_config), params, tokenizer, SamplerConfig(max_new_tokens=MAX_NEW, prompt_buckets=BUCKETS))
+    config = SamplerConfig(max_new_tokens=MAX_NEW, prompt_buckets=BUCKETS)
+    return Sampler(Model(model_config), params, tokenizer, config)
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +129,15 @@ def test_stop_token_ends_row_and_masks_later_tokens(model_config, params, refere
     stop = tokens[0][2] if tokens[0][2] not in tokens[0][:2] else tokens[0][1]
     sampler = Sampler(Model(model_config), params, None,
                       SamplerConfig(max_new_tokens=MAX_NEW, prompt_buckets=BUCKETS, stop_tokens=(stop, 0)))
-    output = sampler.generate_tokens(PROMPTS)
+    state = sampler.decode(sampler.prefill(PROMPTS))
+    output = sampler.output(state, len(PROMPTS))
     assert stop in output.tokens[0]
+    # In the buffers, everything after a row's stop token is masked.
+    num_tokens_B = np.asarray(state.num_tokens_B)[:, None]
+    later_BN = np.arange(MAX_NEW)[None] >= num_tokens_B
+    assert (np.asarray(state.tokens_BN)[later_BN] == stopping.MASKED).all()
+    assert (np.asarray(state.log_probs_BN)[later_BN] == 0).all()
+    assert bool(np.asarray(state.done_B)[0])
     for row, expected in zip(range(len(PROMPTS)), tokens):
         end = expected.index(stop) + 1 if stop in expected else MAX_NEW
         assert output.tokens[row] == expected[:end]
@@ -180,10 +189,7 @@ def test_seeded_sampling_on_2x4_mesh_equals_one_device(model_config, params):
     assert sharded.generate_tokens(prompts, seed=3).tokens == output.tokens
     assert single.generate_tokens(prompts, seed=4).tokens != output.tokens
 
-    padded_BP, lengths_B, cache_len = sharded._pad_prompts(prompts)
-    with sharded._sharding_context():
-        state = sharded._prefill(sharded.params, *sharded._put_batch(padded_BP, lengths_B, lengths_B > 0),
-                                 jax.random.key(0), cache_len=cache_len)
+    state = sharded.prefill(prompts)
     assert state.cache.layers[0].k_BKSH.sharding.spec == P(("data", "fsdp"), "tensor", None, None)
 
 

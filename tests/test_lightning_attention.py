@@ -1,9 +1,9 @@
 """Lightning Attention-2: references agree, chunked and Pallas (interpret mode) match them, state carries over.
 
 Tolerance metric: max|x - ref| / max|ref| per array (outputs, final state, dq, dk, dv, d initial state).
-fp32: 1e-4 (all paths compute in f32; interpret mode is exact IEEE f32). bf16: 2e-2 against an f32 reference fed
-the same bf16-rounded inputs (the kernel multiplies bf16 operands, e.g. the state and the masked scores, so
-errors are a few bf16 ulps of the largest values).
+fp32: 1e-4 (all paths compute in IEEE f32; measured ~3e-7). bf16: 1e-2 against an f32 reference fed the same
+bf16-rounded inputs (the kernel multiplies bf16 operands, e.g. the state and the masked scores, and rounds its
+outputs to bf16; measured ~4e-3, about one bf16 ulp of the largest values).
 """
 
 import jax
@@ -14,7 +14,7 @@ import pytest
 from configs.errors import InputError
 from pallas_kernels.lightning_attention import kernel, lightning_attention, lightning_decode_step, reference
 
-TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
 DECAYS = {1: [0.7], 3: [0.05, 0.9, 1.0]}  # fast decay (underflows inside a block), slow, none
 
 
@@ -58,7 +58,7 @@ def _check_against_reference(fn, q, k, v, decay, state, tol):
         _assert_close(a, b, tol, name)
 
 
-@pytest.mark.parametrize("T", [1, 37, pytest.param(130, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("T", [37, pytest.param(1, marks=pytest.mark.slow), pytest.param(130, marks=pytest.mark.slow)])
 def test_quadratic_equals_recurrent(T):
     q, k, v, decay, state = _inputs(2, T, 3, 16, 32, jnp.float32)
     _check_against_reference(lambda *a: reference.recurrent(*a[:3], decay, a[3]), q, k, v, decay, state, 1e-4)
@@ -66,7 +66,11 @@ def test_quadratic_equals_recurrent(T):
 
 @pytest.mark.parametrize(
     "T,H,D,E,block_size",
-    [(1, 1, 16, 16, 8), pytest.param(37, 3, 16, 32, 16, marks=pytest.mark.slow), (130, 3, 32, 16, 64)],
+    [
+        (130, 3, 32, 16, 64),
+        pytest.param(1, 1, 16, 16, 8, marks=pytest.mark.slow),
+        pytest.param(37, 3, 16, 32, 16, marks=pytest.mark.slow),
+    ],
 )
 def test_chunked_matches_reference(T, H, D, E, block_size):
     q, k, v, decay, state = _inputs(2, T, H, D, E, jnp.float32)
@@ -82,8 +86,8 @@ def test_chunked_matches_reference(T, H, D, E, block_size):
 PALLAS_CASES = [
     (1, 1, 16, 16, jnp.float32, 16),
     (37, 3, 16, 32, jnp.float32, 16),
-    (130, 1, 32, 32, jnp.float32, 64),
     (37, 3, 32, 16, jnp.bfloat16, 16),
+    pytest.param(130, 1, 32, 32, jnp.float32, 64, marks=pytest.mark.slow),
     pytest.param(64, 1, 32, 16, jnp.float32, 32, marks=pytest.mark.slow),
     pytest.param(130, 3, 16, 32, jnp.bfloat16, 32, marks=pytest.mark.slow),
 ]
@@ -123,7 +127,7 @@ def test_pallas_wrapper_variants_match_reference(backend, value_block, T, H, D, 
     _check_against_reference(fn, q, k, v, decay, state, TOL[dtype])
 
 
-@pytest.mark.parametrize("implementation", ["chunked", "pallas"])
+@pytest.mark.parametrize("implementation", ["pallas", pytest.param("chunked", marks=pytest.mark.slow)])
 def test_two_halves_with_state_carry_equal_full(implementation):
     q, k, v, decay, _ = _inputs(2, 45, 3, 16, 32, jnp.float32)
     kwargs = dict(implementation=implementation, block_size=16, interpret=True)
@@ -136,7 +140,7 @@ def test_two_halves_with_state_carry_equal_full(implementation):
     _assert_close(final, final_full, 1e-4, "final_state")
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_prefill_then_decode_equals_full_forward(dtype):
     T, prefill, tol = 21, 18, TOL[dtype]
     q, k, v, decay, _ = _inputs(2, T, 3, 16, 32, dtype)

@@ -31,7 +31,7 @@ def small_config(data_dir, **train_overrides):
     config.model.update(vocab_size=300, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=4, head_dim=16,
                         mlp_dim=128)
     config.optimizer.update(learning_rate=1e-2, warmup_steps=2)
-    config.train.update(num_steps=6, log_every=1, checkpoint_every=3, **train_overrides)
+    config.train.update({**dict(num_steps=6, log_every=1, checkpoint_every=3), **train_overrides})
     config.evaluate.update(num_batches=2, num_prompts=2, max_new_tokens=8)
     config.mesh.update(data=-1, fsdp=1, tensor=1)
     return config
@@ -52,7 +52,8 @@ def losses(history):
 def on_devices(monkeypatch, count):
     """Makes train.py and evaluate.py see only the first `count` of the 8 fake devices."""
     make_mesh = mesh_lib.make_mesh
-    monkeypatch.setattr(mesh_lib, "make_mesh", lambda mesh_config: make_mesh(mesh_config, jax.devices()[:count]))
+    monkeypatch.setattr(mesh_lib, "make_mesh",
+                        lambda mesh_config, devices=None: make_mesh(mesh_config, jax.devices()[:count]))
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(data_dir, tmp_path):

@@ -32,6 +32,8 @@ def export(config, workdir: str, out_dir: str, dtype: str = "float32") -> str:
     """Restores WORKDIR's latest parameters onto one device and writes them to OUT_DIR."""
     if not out_dir:
         raise InputError("--out=DIR is required: the directory to write the Hugging Face checkpoint into")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # Checkpoints() would create it
+        raise InputError(f"no checkpoints in --workdir={workdir}; train first (python train.py ... --workdir=...)")
     tokenizer_path = os.path.join(workdir, "tokenizer.json")
     if not os.path.isfile(tokenizer_path):
         tokenizer_path = config.data.tokenizer_path

@@ -1,0 +1,251 @@
+"""Decode speed of the decodelab engine against Hugging Face transformers `generate` on the same weights.
+
+  python benchmarks/decode.py --presets tiny,small --batch-sizes 1,16 --max-new-tokens 64 --out workdirs/bench
+
+For each preset of configs/lm.py (random weights) and batch size it times, after a warm-up compile, greedy decoding
+of random prompts: decodelab end to end (prefill + decode loop + host output) and the decode loop alone, and
+`LlamaForCausalLM.generate` with the same weights, prompts and token count (decodelab's tokens are checked against
+it). On a GPU it also reports the fraction of the memory-bandwidth roofline the decode loop reaches:
+(parameter bytes + filled cache bytes) read per step / step time / the device's bandwidth. Writes decode.json and
+decode.png to --out.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import flax.linen as nn  # noqa: E402  (after the path insert on purpose)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import lm  # noqa: E402
+from models import registry  # noqa: E402
+from samplers.engine import Sampler, SamplerConfig  # noqa: E402
+
+# Peak HBM bandwidth, bytes/s, by a substring of jax's device_kind (checked in order).
+BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12))
+
+
+def hf_state_dict(params, model_config):
+    """decodelab llama params as a transformers LlamaForCausalLM state dict (torch float32 tensors)."""
+    import torch
+
+    if model_config.qkv_bias or model_config.qk_norm:
+        raise ValueError("the benchmark converts plain Llama presets only (no qkv_bias / qk_norm)")
+    as_torch = lambda x: torch.from_numpy(np.asarray(x, np.float32).copy())
+    state = {"model.embed_tokens.weight": as_torch(params["embedding"]),
+             "model.norm.weight": as_torch(params["final_norm"]["scale"])}
+    if not model_config.tie_embeddings:
+        state["lm_head.weight"] = as_torch(params["lm_head"]["kernel"]).T
+    for i in range(model_config.num_layers):
+        layer, prefix = params[f"layer_{i}"], f"model.layers.{i}."
+        attention = layer["attention"]
+        for name, hf_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            kernel_DNH = as_torch(attention[f"{name}_kernel"])
+            state[f"{prefix}self_attn.{hf_name}.weight"] = kernel_DNH.reshape(kernel_DNH.shape[0], -1).T
+        out_NHD = as_torch(attention["out_kernel"])
+        state[f"{prefix}self_attn.o_proj.weight"] = out_NHD.reshape(-1, out_NHD.shape[-1]).T
+        for name in ("gate", "up", "down"):
+            state[f"{prefix}mlp.{name}_proj.weight"] = as_torch(layer["mlp"][name]["kernel"]).T
+        state[f"{prefix}input_layernorm.weight"] = as_torch(layer["attention_norm"]["scale"])
+        state[f"{prefix}post_attention_layernorm.weight"] = as_torch(layer["mlp_norm"]["scale"])
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def hf_model(params, model_config, device, dtype):
+    import torch
+    import transformers
+
+    if model_config.rope_scaling_type:
+        raise ValueError("the benchmark converts presets without rope scaling only")
+    config = transformers.LlamaConfig(
+        vocab_size=model_config.vocab_size, hidden_size=model_config.embed_dim,
+        intermediate_size=model_config.mlp_dim, num_hidden_layers=model_config.num_layers,
+        num_attention_heads=model_config.num_heads, num_key_value_heads=model_config.num_kv_heads,
+        head_dim=model_config.head_dim, rope_theta=model_config.rope_theta, rms_norm_eps=model_config.norm_eps,
+        tie_word_embeddings=model_config.tie_embeddings, max_position_embeddings=model_config.max_seq_len)
+    model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(hf_state_dict(params, model_config), strict=not model_config.tie_embeddings)
+    model.generation_config.eos_token_id = None  # decode exactly max_new_tokens, as decodelab does here
+    model.generation_config.pad_token_id = 0
+    return model.to(device=device, dtype=getattr(torch, dtype)).eval()
+
+
+def time_hf(model, prompts_BP, max_new_tokens, device, repeats, thread_counts):
+    """Median seconds of `generate` with its fastest torch thread count (on a shared CPU, fewer threads than
+    cores can be much faster), that count, and the new tokens."""
+    import torch
+
+    input_ids = torch.tensor(prompts_BP, device=device)
+    kwargs = dict(attention_mask=torch.ones_like(input_ids), do_sample=False, max_new_tokens=max_new_tokens,
+                  min_new_tokens=max_new_tokens)
+    best = None
+    with torch.inference_mode():
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            model.generate(input_ids, **kwargs)  # warm-up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                out = model.generate(input_ids, **kwargs)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            if best is None or np.median(times) < best[0]:
+                best = (float(np.median(times)), threads)
+    return best[0], best[1], out[:, input_ids.shape[1]:].cpu().numpy()
+
+
+def time_decodelab(sampler, prompts, repeats):
+    """Median seconds end to end, of the prefill alone and of the decode loop alone; and the tokens."""
+    output = sampler.generate_tokens(prompts)  # compiles
+    end_to_end, prefill, decode = [], [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        output = sampler.generate_tokens(prompts)
+        end_to_end.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        state = jax.block_until_ready(sampler.prefill(prompts))
+        middle = time.perf_counter()
+        jax.block_until_ready(sampler.decode(state))
+        prefill.append(middle - start)
+        decode.append(time.perf_counter() - middle)
+    return float(np.median(end_to_end)), float(np.median(prefill)), float(np.median(decode)), output.tokens
+
+
+def roofline(sampler, model_config, batch, prompt_len, max_new_tokens, decode_seconds):
+    """Bytes each decode step must read (params + the cache filled so far, averaged over the steps) over time."""
+    device_kind = jax.devices()[0].device_kind
+    bandwidth = next((b for name, b in BANDWIDTH if name in device_kind), None)
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(sampler.params))
+    mean_filled = prompt_len + max_new_tokens / 2
+    cache_bytes = (2 * model_config.num_layers * batch * model_config.num_kv_heads * model_config.head_dim
+                   * mean_filled * jnp.dtype(model_config.dtype).itemsize)
+    step_seconds = decode_seconds / (max_new_tokens - 1)
+    achieved = (param_bytes + cache_bytes) / step_seconds
+    return {"device_kind": device_kind, "param_bytes": int(param_bytes), "cache_bytes_per_step": int(cache_bytes),
+            "achieved_bytes_per_s": achieved, "peak_bytes_per_s": bandwidth,
+            "roofline_fraction": achieved / bandwidth if bandwidth else None}
+
+
+def run_one(preset, batch, args, on_gpu, hf_device, thread_counts):
+    model_config = lm.get_config(preset).model
+    dtype = args.dtype or ("float32" if not on_gpu else model_config.dtype)
+    model_config.update(attention=args.attention, dtype=dtype, remat="none")
+    model = registry.build(model_config)
+    params = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]))(
+        jax.random.key(0))
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    prompts = np.random.default_rng(0).integers(0, model_config.vocab_size, (batch, args.prompt_len)).tolist()
+    sampler = Sampler(model, params, None, SamplerConfig(max_new_tokens=args.max_new_tokens,
+                                                          prompt_buckets=(args.prompt_len,)))
+    end_to_end, prefill, decode, tokens = time_decodelab(sampler, prompts, args.repeats)
+    N = args.max_new_tokens
+    result = {"preset": preset, "batch": batch, "params": int(num_params), "dtype": dtype,
+              "prompt_len": args.prompt_len, "max_new_tokens": N, "attention": args.attention,
+              "decodelab_end_to_end_s": end_to_end, "decodelab_prefill_s": prefill, "decodelab_decode_s": decode,
+              "decodelab_tokens_per_s": batch * N / end_to_end,
+              "decodelab_decode_tokens_per_s": batch * (N - 1) / decode}
+    if on_gpu:
+        result["roofline"] = roofline(sampler, model_config, batch, args.prompt_len, N, decode)
+    if hf_device:
+        hf = hf_model(params, model_config, hf_device, dtype)
+        seconds, threads, hf_tokens = time_hf(hf, prompts, N, hf_device, args.hf_repeats, thread_counts)
+        same_BN = np.array(tokens) == hf_tokens
+        result.update(hf_generate_s=seconds, hf_tokens_per_s=batch * N / seconds, hf_torch_threads=threads,
+                      speedup_vs_hf=seconds / end_to_end,
+                      # Random weights give near-flat logits, so float noise may flip a late argmax.
+                      tokens_equal_hf_fraction=float(same_BN.mean()),
+                      first_token_equal_hf_fraction=float(same_BN[:, 0].mean()))
+        del hf
+    return result
+
+
+def plot(results, path, on_gpu):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['preset']}\nbatch {r['batch']}" for r in results]
+    series = [("decodelab decode loop", "decodelab_decode_tokens_per_s"),
+              ("decodelab end to end", "decodelab_tokens_per_s"), ("transformers generate", "hf_tokens_per_s")]
+    series = [(name, key) for name, key in series if any(key in r for r in results)]
+    panels = 2 if on_gpu else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 + 2 * len(results), 4.5), squeeze=False)
+    ax = axes[0, 0]
+    width = 0.8 / len(series)
+    x = np.arange(len(results))
+    for i, (name, key) in enumerate(series):
+        values = [r.get(key, 0.0) for r in results]
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+    for xi, r in zip(x, results):
+        if "speedup_vs_hf" in r:
+            ax.annotate(f"{r['speedup_vs_hf']:.1f}x", (xi, r["decodelab_tokens_per_s"]), ha="center",
+                        va="bottom", fontsize=8)
+    ax.set_xticks(x, labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens / s (log)")
+    ax.set_title(f"greedy decode, {jax.devices()[0].device_kind}")
+    ax.legend(fontsize=8)
+    if on_gpu:
+        fractions = [r["roofline"]["roofline_fraction"] or 0.0 for r in results]
+        axes[0, 1].bar(x, fractions)
+        axes[0, 1].axhline(0.7, color="gray", linestyle="--", label="70% target")
+        axes[0, 1].set_xticks(x, labels)
+        axes[0, 1].set_ylabel("fraction of HBM bandwidth roofline")
+        axes[0, 1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", default="", help="comma-separated configs/lm.py presets; default tiny,small "
+                        "(and gpu_1b on a GPU)")
+    parser.add_argument("--batch-sizes", default="1,16")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--attention", default="xla", help="reference | xla | cudnn | pallas")
+    parser.add_argument("--dtype", default="", help="compute dtype; default float32 on CPU, the preset's on GPU")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hf-repeats", type=int, default=1)
+    parser.add_argument("--torch-threads", default="", help="comma-separated torch thread counts to try for "
+                        "transformers (the fastest is kept); default 1 and all available cores")
+    parser.add_argument("--skip-hf", action="store_true", help="do not run transformers generate")
+    parser.add_argument("--out", default="workdirs/bench_decode")
+    args = parser.parse_args()
+
+    on_gpu = jax.default_backend() == "gpu"
+    presets = (args.presets or ("tiny,small,gpu_1b" if on_gpu else "tiny,small")).split(",")
+    hf_device = None
+    cores = len(os.sched_getaffinity(0))
+    thread_counts = [int(t) for t in args.torch_threads.split(",")] if args.torch_threads else sorted({1, cores})
+    if not args.skip_hf:
+        import torch
+
+        # transformers on a GPU only with a CUDA build of torch; a CPU torch beside a GPU jax would not compare.
+        hf_device = "cuda" if torch.cuda.is_available() else (None if on_gpu else "cpu")
+
+    results = []
+    for preset in presets:
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            result = run_one(preset, batch, args, on_gpu, hf_device, thread_counts)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.json").write_text(json.dumps({"device": jax.devices()[0].device_kind, "results": results},
+                                                indent=2))
+    plot(results, out / "decode.png", on_gpu)
+    print(f"wrote {out / 'decode.json'} and {out / 'decode.png'}")
+
+
+if __name__ == "__main__":
+    main()
