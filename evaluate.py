@@ -14,7 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from checkpoints import huggingface
 from checkpoints.manager import Checkpoints

@@ -17,16 +17,16 @@ import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import flax.linen as nn  # noqa: E402  (after the path insert on purpose)
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from configs import lm  # noqa: E402
-from models import registry  # noqa: E402
-from samplers.engine import Sampler, SamplerConfig  # noqa: E402
+from configs import lm
+from models import registry
+from samplers.engine import Sampler, SamplerConfig
 
 # Peak HBM bandwidth, bytes/s, by a substring of jax's device_kind (checked in order).
 BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12))
@@ -83,8 +83,8 @@ def time_hf(model, prompts_BP, max_new_tokens, device, repeats, thread_counts):
     import torch
 
     input_ids = torch.tensor(prompts_BP, device=device)
-    kwargs = dict(attention_mask=torch.ones_like(input_ids), do_sample=False, max_new_tokens=max_new_tokens,
-                  min_new_tokens=max_new_tokens)
+    kwargs = {"attention_mask": torch.ones_like(input_ids), "do_sample": False, "max_new_tokens": max_new_tokens,
+              "min_new_tokens": max_new_tokens}
     best = None
     with torch.inference_mode():
         for threads in thread_counts:

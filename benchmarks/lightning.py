@@ -18,17 +18,14 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
-
-from configs.errors import InputError  # noqa: E402
-from pallas_kernels.lightning_attention import lightning_attention  # noqa: E402
+from configs.errors import InputError
+from pallas_kernels.lightning_attention import lightning_attention
 
 MODES = ("fwd", "fwd+bwd")
 

@@ -32,7 +32,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict(dict(
         name="llama",  # a module in models/ (models.registry looks it up)
-        vocab_size=4096,
+        vocab_size=2048,
         num_layers=4,
         embed_dim=256,
         num_heads=8,
@@ -68,9 +68,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         validation_split="validation",
         tfds_data_dir="",
         tokenizer_path="",  # "" = train a byte-level BPE and save WORKDIR/tokenizer.json
-        vocab_size=4096,
+        vocab_size=2048,
         tokenizer_train_bytes=20_000_000,
-        seq_len=256,
+        seq_len=128,
         global_batch_size=16,
         shuffle_seed=0,
         num_shards=0,  # document streams the global batch is drawn from; 0 = one per process (host)
@@ -79,7 +79,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
 
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-3,
-        warmup_steps=30,
+        warmup_steps=50,
         min_learning_rate_ratio=0.1,  # cosine decays to learning_rate * this at num_steps
         weight_decay=0.1,
         b1=0.9,
@@ -89,9 +89,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     ))
 
     config.train = ml_collections.ConfigDict(dict(
-        num_steps=300,
-        log_every=10,
-        checkpoint_every=100,
+        num_steps=500,
+        log_every=25,
+        checkpoint_every=250,
         keep_checkpoints=3,
         stop_at_step=0,  # > 0: save and stop after this step, as a preemption would; rerun to resume
         peak_flops_per_device=0.0,  # 0 = look up by device kind (for the MFU estimate)

@@ -115,6 +115,8 @@ class LightningMixer(nn.Module):
                                                      implementation=self.implementation, block_size=self.block_size)
         steps_BT = jnp.maximum(jnp.arange(T)[None, :] - shift_B[:, None] + 1, 0)  # tokens since the state
         carried_BTNH = jnp.einsum("btnd,bnde->btne", q_BTNH.astype(jnp.float32), cache.state_BHDE)
-        o_BTNH = o_BTNH + (carried_BTNH * decay_N[None, None, :, None] ** steps_BT[..., None, None]).astype(o_BTNH.dtype)
-        new_state_BNHH = new_state_BNHH + decay_N[None, :, None, None] ** num_new_B[:, None, None, None] * cache.state_BHDE
+        carried_BTNH = carried_BTNH * decay_N[None, None, :, None] ** steps_BT[..., None, None]
+        o_BTNH = o_BTNH + carried_BTNH.astype(o_BTNH.dtype)
+        decayed_BNHH = decay_N[None, :, None, None] ** num_new_B[:, None, None, None] * cache.state_BHDE
+        new_state_BNHH = new_state_BNHH + decayed_BNHH
         return _left_align(o_BTNH, -shift_B), LinearState(new_state_BNHH)

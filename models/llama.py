@@ -96,21 +96,27 @@ class Model(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, tokens_BT, cache: kv_cache.Cache | None = None, num_new_B=None):
+    def __call__(self, tokens_BT, cache: kv_cache.Cache | None = None, num_new_B=None, token_weights_BTK=None,
+                 logits_at_B=None):
         """Logits for every position, and the cache with these tokens appended.
 
         Without a cache the tokens start at position 0 (training). With one, row b continues at
         cache.lengths_B[b]; only its first num_new_B[b] tokens (default: all) count as written, so right-padded
-        prompts of different lengths prefill in one call.
+        prompts of different lengths prefill in one call. With token_weights_BTK, tokens are [B, T, K] and each
+        position's input is the weighted sum of its K token embeddings (Superposed Decoding's superposition).
+        With logits_at_B, only row b's position logits_at_B[b] is unembedded ([B, 1, V]): a prefill samples one
+        position per row, and unembedding all T would cost T times more.
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        B, T = tokens_BT.shape
+        B, T = tokens_BT.shape[:2]
         embedding_VD = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                             ("vocab", "embed")),
                                   (cfg.vocab_size, cfg.embed_dim), jnp.float32)
-        x_BTD = nn.with_logical_constraint(jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype),
-                                           ("act_batch", "act_len", "act_embed"))
+        x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
+        if token_weights_BTK is not None:
+            x_BTD = jnp.einsum("btkd,btk->btd", x_BTD, token_weights_BTK.astype(jnp.float32))
+        x_BTD = nn.with_logical_constraint(x_BTD.astype(dtype), ("act_batch", "act_len", "act_embed"))
 
         offsets_B = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths_B
         positions_BT = offsets_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
@@ -130,6 +136,8 @@ class Model(nn.Module):
                                                                         layer_cache)
             new_layers.append(layer_cache)
         x_BTD = RMSNorm(cfg.norm_eps, dtype, "embed", name="final_norm")(x_BTD)
+        if logits_at_B is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None], axis=1)
 
         if cfg.tie_embeddings:
             logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD.astype(dtype))

@@ -49,7 +49,7 @@ class SamplerConfig:
     prompt_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
     stop_tokens: tuple[int, ...] = ()
     stop_sequences: tuple[str, ...] = ()
-    sampling: SamplingConfig = SamplingConfig()
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
 
     def __post_init__(self):
         for name in ("prompt_buckets", "stop_tokens", "stop_sequences"):
@@ -272,8 +272,9 @@ class Sampler:
         self.trace_count += 1  # runs only while tracing
         batch, prompt_len = prompt_BP.shape
         cache = self.model.init_cache(batch, cache_len)
-        logits_BPV, cache = self.model.apply({"params": params}, prompt_BP, cache, lengths_B)
-        logits_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+        logits_B1V, cache = self.model.apply({"params": params}, prompt_BP, cache, lengths_B,
+                                             logits_at_B=lengths_B - 1)
+        logits_BV = logits_B1V[:, 0]
         history_BP = jnp.where(jnp.arange(prompt_len)[None] < lengths_B[:, None], prompt_BP, stopping.MASKED)
         N = self.config.max_new_tokens
         state = SamplingState(
@@ -318,7 +319,9 @@ class Sampler:
         tokens_BN = jax.lax.dynamic_update_index_in_dim(state.tokens_BN, token_B, state.step, axis=1)
         stop_B = stopping.is_stop(token_B, tokens_BN, state.step, self.config.stop_tokens, self._sequence_ids)
         # The new token would be written at position lengths_B on the next step; a full cache has no room for it.
-        cache_full_B = state.cache.lengths_B >= state.cache.max_len
+        # (A cache of fixed-size states only, max_len None, never fills.)
+        max_len = state.cache.max_len
+        cache_full_B = state.cache.lengths_B >= max_len if max_len is not None else jnp.zeros_like(state.done_B)
         return state.replace(
             step=state.step + 1,
             tokens_BN=tokens_BN,

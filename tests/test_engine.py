@@ -180,7 +180,7 @@ def test_full_cache_ends_row(model_config, params, reference):
 def test_seeded_sampling_on_2x4_mesh_equals_one_device(model_config, params):
     config = SamplerConfig(max_new_tokens=MAX_NEW, prompt_buckets=BUCKETS,
                            sampling=SamplingConfig(temperature=0.8, top_p=0.9, repetition_penalty=1.3))
-    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1, tensor=4)))
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 1, "tensor": 4}))
     rules = lm.get_config("tiny").logical_axis_rules
     single = Sampler(Model(model_config), params, None, config)
     sharded = Sampler(Model(model_config), params, None, config, mesh=mesh, rules=rules)

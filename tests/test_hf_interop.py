@@ -24,6 +24,7 @@ from configs import lm
 from configs.errors import InputError
 from models import registry
 from parallel import mesh as mesh_lib
+from samplers.engine import Sampler, SamplerConfig
 
 VOCAB = 320  # the tokenizer has 300 tokens; checkpoints often pad the embedding past the tokenizer
 NEW_TOKENS = 32
@@ -100,17 +101,6 @@ class Runner:
             {"params": params}, tokens_BT, cache, lengths_B))
         self.step = jax.jit(lambda params, tokens_B1, cache: model.apply({"params": params}, tokens_B1, cache))
 
-    def greedy(self, params, tokens_BT, lengths_B, num_new: int) -> np.ndarray:
-        cache = self.model.init_cache(tokens_BT.shape[0], tokens_BT.shape[1] + num_new)
-        logits_BTV, cache = self.prefill(params, tokens_BT, cache, lengths_B)
-        next_B = jnp.argmax(logits_BTV[jnp.arange(tokens_BT.shape[0]), lengths_B - 1], axis=-1)
-        generated = [next_B]
-        for _ in range(num_new - 1):
-            logits_B1V, cache = self.step(params, next_B[:, None], cache)
-            next_B = jnp.argmax(logits_B1V[:, 0], axis=-1)
-            generated.append(next_B)
-        return np.asarray(jnp.stack(generated, axis=1))
-
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def imported(request, tmp_path_factory, tokenizer_file):
@@ -144,14 +134,16 @@ def test_logits_and_tokenizer_match_transformers(imported):
     assert imported["tokenizer"].encode(TEXT).ids == hf_tokenizer.encode(TEXT, add_special_tokens=False)
 
 
-def test_greedy_continuation_matches_generate(imported):
-    tokens_BT, lengths_B = right_padded(imported["prompts_ids"])
-    ours_BN = imported["runner"].greedy(imported["params"], tokens_BT, lengths_B, NEW_TOKENS)
+def test_greedy_decode_engine_matches_generate(imported):
+    """The decode engine (batched, ragged prompts, jitted while_loop) equals transformers' generate per prompt."""
+    sampler = Sampler(imported["model"], imported["params"], imported["tokenizer"],
+                      SamplerConfig(max_new_tokens=NEW_TOKENS))
+    ours = sampler.generate_tokens(imported["prompts_ids"]).tokens
     for row, ids in enumerate(imported["prompts_ids"]):
         with torch.no_grad():
             out = imported["hf_model"].generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
                                                 do_sample=False, max_new_tokens=NEW_TOKENS)
-        assert ours_BN[row].tolist() == out[0, len(ids):].tolist(), f"row {row}"
+        assert ours[row] == out[0, len(ids):].tolist(), f"row {row}"
 
 
 def test_bf16_compute_matches_fp32_reference(imported):

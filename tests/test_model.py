@@ -127,3 +127,19 @@ def test_registry_builds_by_name_and_rejects_unknown_names():
         registry.build(ml_collections.ConfigDict(dict(name="gpt9", **TINY)))
     with pytest.raises(InputError, match="config.model.num_experts is not a field"):
         registry.build(ml_collections.ConfigDict(dict(name="llama", num_experts=4, **TINY)))
+
+
+def test_superposed_input_is_the_weighted_sum_of_embeddings():
+    model = Model(Config(**TINY))
+    tokens_BT = tokens(length=4)
+    params = init(model, tokens_BT)
+    plain_BTV, _ = model.apply({"params": params}, tokens_BT)
+    # Every draft ending in the same token: the superposition is that token's own embedding.
+    same_BTK = jnp.repeat(tokens_BT[..., None], 3, axis=-1)
+    weights_BTK = jax.nn.softmax(jax.random.normal(jax.random.key(2), same_BTK.shape), axis=-1)
+    superposed_BTV, _ = model.apply({"params": params}, same_BTK, token_weights_BTK=weights_BTK)
+    np.testing.assert_allclose(superposed_BTV, plain_BTV, atol=1e-5)
+    # Different tokens: the input is sum_k w_k E[token_k], so one-hot weights pick a single token.
+    mixed_BTK = jnp.stack([tokens_BT, (tokens_BT + 1) % 97], axis=-1)
+    picked_BTV, _ = model.apply({"params": params}, mixed_BTK, token_weights_BTK=jnp.eye(2)[jnp.zeros_like(tokens_BT)])
+    np.testing.assert_allclose(picked_BTV, plain_BTV, atol=1e-5)

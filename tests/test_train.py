@@ -101,7 +101,8 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(data_
 
     config = small_config(data_dir, num_steps=6, checkpoint_every=1)
     config.optimizer.learning_rate = float("nan")  # every update from step 4 on is NaN
-    with pytest.raises(TrainingDiverged, match=r"non-finite .*param_norm.* at step 4; .*last good checkpoint is step 3"):
+    with pytest.raises(TrainingDiverged,
+                       match=r"non-finite .*param_norm.* at step 4; .*last good checkpoint is step 3"):
         train.train_and_evaluate(config, workdir)
     assert Checkpoints(workdir).all_steps() == [3]
     results = evaluate.evaluate(small_config(data_dir), workdir)

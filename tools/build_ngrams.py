@@ -7,15 +7,12 @@ as the training pipeline does (EOS appended), counted per document, and the buil
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from configs import cli  # noqa: E402
-from data import corpus, tokenizer as tokenizer_lib  # noqa: E402
-from samplers import ngram_store  # noqa: E402
+from configs import cli
+from data import corpus, tokenizer as tokenizer_lib
+from samplers import ngram_store
 
 _ENCODE_BATCH = 1024  # documents per encode_batch call (tokenized in parallel on the Rust side)
 

@@ -9,20 +9,17 @@ Then: transformers.AutoModelForCausalLM.from_pretrained("exports/tiny").
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+import jax
+from absl import flags
+from jax.sharding import SingleDeviceSharding
 
-import jax  # noqa: E402
-from absl import flags  # noqa: E402
-from jax.sharding import SingleDeviceSharding  # noqa: E402
-
-from checkpoints import huggingface  # noqa: E402
-from checkpoints.manager import Checkpoints  # noqa: E402
-from configs import cli  # noqa: E402
-from configs.errors import InputError  # noqa: E402
-from models import registry  # noqa: E402
-from parallel import mesh as mesh_lib  # noqa: E402
+from checkpoints import huggingface
+from checkpoints.manager import Checkpoints
+from configs import cli
+from configs.errors import InputError
+from models import registry
+from parallel import mesh as mesh_lib
 
 OUT = flags.DEFINE_string("out", None, "Directory to write the Hugging Face checkpoint into.")
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Dtype of the written weights.")
