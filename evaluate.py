@@ -19,8 +19,10 @@ from checkpoints import huggingface
 from checkpoints.manager import Checkpoints
 from configs import cli
 from data import corpus, pipeline, tokenizer as tokenizer_lib
+from metrics import drafts
 from models import registry
 from parallel import distributed, mesh as mesh_lib
+from samplers import ngram_store
 from samplers.engine import Sampler, SamplerConfig
 from samplers.sampling import SamplingConfig
 from train import next_token_loss
@@ -47,6 +49,42 @@ def validation_metrics(model, params, batches, token_bytes_V, mesh, rules) -> di
     loss = nll / tokens
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": nll / math.log(2) / max(num_bytes, 1),
             "tokens": tokens}
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Superposed Decoding
+# -------------------------------------------------------------------------------------------------------------
+
+def superposed_section(config, workdir, model, params, tokenizer, validation_source, mesh, rules) -> dict:
+    """results["superposed"]; {"skipped": reason} when the default n-gram store WORKDIR/ngrams.npz is missing
+    (an explicitly configured missing store is an error)."""
+    spd = config.superposed
+    store_path = spd.ngram_store or os.path.join(workdir, "ngrams.npz")
+    if not spd.ngram_store and not os.path.exists(store_path):
+        reason = f"no n-gram store at {store_path}; build it with: {ngram_store.BUILD_COMMAND}"
+        print(f"Superposed Decoding skipped: {reason}")
+        return {"skipped": reason}
+    store = ngram_store.load_ngram_store(store_path)  # InputError naming the build command if missing
+    grader = drafts.load_grader(spd.grader, tokenizer, mesh, rules) if spd.grader else None
+    texts = (corpus.record_text(validation_source[i], config.data) for i in range(len(validation_source)))
+    section = drafts.evaluate_superposed(model, params, tokenizer, texts, spd,
+                                         stop_tokens=(tokenizer_lib.eos_id(tokenizer),), store=store, grader=grader,
+                                         seed=config.seed, mesh=mesh, rules=rules)
+    for setting in ("short", "long"):
+        print(f"Superposed Decoding, {section[setting]['new_tokens']} new tokens, "
+              f"{section['protocol']['prompts']} prompts:")
+        for method, row in section[setting]["table"].items():
+            precision = _fmt([row[f"P@{j}"] for j in range(1, spd.num_drafts + 1)])
+            print(f"  {method:12s} ppl/draft {_fmt(row['perplexity_per_draft'])} best-of-k "
+                  f"{_fmt(row['perplexity_best_of_k'])} P@1..k {precision} "
+                  f"distinct-2 {_fmt(row['distinct_2'])} self-BLEU {_fmt(row['self_bleu'])}")
+    return section
+
+
+def _fmt(value) -> str:
+    if isinstance(value, list):
+        return "/".join(_fmt(v) for v in value)
+    return "-" if value is None else f"{value:.2f}"
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -104,6 +142,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if name == "greedy":
             for prompt, text in zip(prompts, output.text):
                 print(f"{'-' * 80}\n{prompt}\033[1m{text}\033[0m")
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Superposed Decoding: k drafts vs nucleus run k times vs greedy (metrics/drafts.py).
+    # ---------------------------------------------------------------------------------------------------------
+    results["superposed"] = superposed_section(config, workdir, model, params, tokenizer, sources["validation"],
+                                               mesh, rules)
 
     if jax.process_index() == 0:
         path = os.path.join(workdir, "eval_results.json")

@@ -14,16 +14,15 @@ import argparse
 import json
 import os
 import pathlib
-import sys
+import tempfile
 import time
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from checkpoints import huggingface
 from configs import lm
 from models import registry
 from samplers.engine import Sampler, SamplerConfig
@@ -32,49 +31,17 @@ from samplers.engine import Sampler, SamplerConfig
 BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12))
 
 
-def hf_state_dict(params, model_config):
-    """decodelab llama params as a transformers LlamaForCausalLM state dict (torch float32 tensors)."""
-    import torch
-
-    if model_config.qkv_bias or model_config.qk_norm:
-        raise ValueError("the benchmark converts plain Llama presets only (no qkv_bias / qk_norm)")
-    as_torch = lambda x: torch.from_numpy(np.asarray(x, np.float32).copy())
-    state = {"model.embed_tokens.weight": as_torch(params["embedding"]),
-             "model.norm.weight": as_torch(params["final_norm"]["scale"])}
-    if not model_config.tie_embeddings:
-        state["lm_head.weight"] = as_torch(params["lm_head"]["kernel"]).T
-    for i in range(model_config.num_layers):
-        layer, prefix = params[f"layer_{i}"], f"model.layers.{i}."
-        attention = layer["attention"]
-        for name, hf_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-            kernel_DNH = as_torch(attention[f"{name}_kernel"])
-            state[f"{prefix}self_attn.{hf_name}.weight"] = kernel_DNH.reshape(kernel_DNH.shape[0], -1).T
-        out_NHD = as_torch(attention["out_kernel"])
-        state[f"{prefix}self_attn.o_proj.weight"] = out_NHD.reshape(-1, out_NHD.shape[-1]).T
-        for name in ("gate", "up", "down"):
-            state[f"{prefix}mlp.{name}_proj.weight"] = as_torch(layer["mlp"][name]["kernel"]).T
-        state[f"{prefix}input_layernorm.weight"] = as_torch(layer["attention_norm"]["scale"])
-        state[f"{prefix}post_attention_layernorm.weight"] = as_torch(layer["mlp_norm"]["scale"])
-    return {k: v.contiguous() for k, v in state.items()}
-
-
 def hf_model(params, model_config, device, dtype):
+    """The same weights as a transformers model, through the Hugging Face export."""
     import torch
     import transformers
 
-    if model_config.rope_scaling_type:
-        raise ValueError("the benchmark converts presets without rope scaling only")
-    config = transformers.LlamaConfig(
-        vocab_size=model_config.vocab_size, hidden_size=model_config.embed_dim,
-        intermediate_size=model_config.mlp_dim, num_hidden_layers=model_config.num_layers,
-        num_attention_heads=model_config.num_heads, num_key_value_heads=model_config.num_kv_heads,
-        head_dim=model_config.head_dim, rope_theta=model_config.rope_theta, rms_norm_eps=model_config.norm_eps,
-        tie_word_embeddings=model_config.tie_embeddings, max_position_embeddings=model_config.max_seq_len)
-    model = transformers.LlamaForCausalLM(config)
-    model.load_state_dict(hf_state_dict(params, model_config), strict=not model_config.tie_embeddings)
+    with tempfile.TemporaryDirectory() as directory:
+        huggingface.export_hf(params, model_config, None, directory)
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
     model.generation_config.eos_token_id = None  # decode exactly max_new_tokens, as decodelab does here
     model.generation_config.pad_token_id = 0
-    return model.to(device=device, dtype=getattr(torch, dtype)).eval()
+    return model.to(device=device).eval()
 
 
 def time_hf(model, prompts_BP, max_new_tokens, device, repeats, thread_counts):

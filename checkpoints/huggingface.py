@@ -395,13 +395,15 @@ def parse_init_from(init_from: str) -> str:
 # Export
 # ---------------------------------------------------------------------------------------------------------------
 
-def export_hf(params, model_config: ml_collections.ConfigDict, tokenizer_path: str, out_dir: str,
+def export_hf(params, model_config: ml_collections.ConfigDict, tokenizer_path: str | None, out_dir: str,
               dtype: str = "float32") -> str:
-    """Writes OUT_DIR/{config.json, model.safetensors, tokenizer.json} for AutoModelForCausalLM.from_pretrained."""
+    """Writes OUT_DIR/{config.json, model.safetensors, tokenizer.json} for AutoModelForCausalLM.from_pretrained
+    (without tokenizer.json when tokenizer_path is None)."""
     if dtype not in _EXPORT_DTYPES:
         raise InputError(f"export dtype {dtype!r} is not supported; choose one of {', '.join(_EXPORT_DTYPES)}")
     hf_config = _hf_config(model_config, dtype)
-    load_tokenizer(tokenizer_path, model_config.vocab_size)
+    if tokenizer_path is not None:
+        load_tokenizer(tokenizer_path, model_config.vocab_size)
     tensors = {}
     params = mesh_lib.strip_logical_names(params)
     for key_path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -413,7 +415,8 @@ def export_hf(params, model_config: ml_collections.ConfigDict, tokenizer_path: s
     safetensors.numpy.save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
-    shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.json"))
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f)  # so AutoTokenizer finds tokenizer.json
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.json"))
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f)  # so AutoTokenizer finds tokenizer.json
     return out_dir

@@ -110,6 +110,25 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         )),
     ))
 
+    # Superposed Decoding (samplers/superposed.py): k drafts per forward pass, scored with n-grams; evaluate.py's
+    # "Superposed Decoding" section compares it with nucleus (run k times) and greedy. Defaults: the reference's
+    # p15_d3_mixed.json. Build the n-gram store with: python tools/build_ngrams.py --config=... --workdir=...
+    config.superposed = ml_collections.ConfigDict(dict(
+        num_drafts=3,  # k
+        num_candidates=0,  # m, candidate tokens per step; 0 = 3k
+        alpha=0.54,  # weight of the n-gram log-prob: (1 - alpha) log p_LM + alpha log p_ngram
+        temperature=0.06,
+        ngram_orders=(2, 3, 4, 5, 6),
+        ngram_weights=(0.01, 0.04, 0.15, 0.18, 0.12),  # one per order, unnormalised as in the reference
+        no_support_penalty=200.0,  # subtracted when none of a draft's candidates has n-gram support
+        ngram_store="",  # "" = WORKDIR/ngrams.npz (evaluate skips the section if it is missing)
+        prefix_tokens=15,
+        new_tokens=10,
+        long_new_tokens=32,
+        num_prompts=32,
+        grader="",  # "" or a Hugging Face checkpoint directory sharing the tokenizer, to score drafts' perplexity
+    ))
+
     # The mesh: one size may be -1 (all remaining devices). Logical names map to mesh axes here and only here.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     config.logical_axis_rules = (

@@ -15,9 +15,10 @@ from data.corpus import record_text
 from data.packing import PackedWindows
 from data.tokenizer import eos_id
 
-# Packed windows are shuffled within this many, so that a batch does not hold consecutive windows of one long
-# file; restoring a checkpoint re-packs at most this many windows.
-_WINDOW_SHUFFLE_SIZE = 1024
+# Packed windows are shuffled in groups of this many, so that batches mix many files rather than walking through
+# a few (a group spans ~500 files of the default corpus). Restoring a checkpoint re-packs at most one group,
+# a few seconds of tokenization.
+_WINDOW_SHUFFLE_SIZE = 16384
 # A document is ~20 windows on average; grain's default buffer (500 documents) tokenizes far ahead of need, which
 # delays the first batch and every restore.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)

@@ -1,0 +1,192 @@
+"""Wall time to produce k drafts: Superposed Decoding against nucleus sampling and greedy, side by side in one process.
+
+  python benchmarks/superposed.py --ks 2,3,5,10 --out workdirs/bench_superposed [--workdir workdirs/tiny]
+
+For each k, after a warm-up compile, the median over --repeats (taken round-robin across the contenders) of end to
+end `generate_tokens` (prefill, decode loop, host output) for the same prompts and new-token count, with no stop
+tokens so every run makes exactly that many:
+  superposed           k drafts, one cache row per prompt, n-gram lookups on device inside the loop (included)
+  superposed_no_ngram  the same with alpha = 0 (no lookups), to show what the lookups cost
+  nucleus_sequential   k nucleus runs (temperature 0.6, top-p 0.9) one after another, batch = the prompts
+  nucleus_batched      one nucleus run over the prompts repeated k times (the engine pads the batch to a power of 2)
+  greedy               one greedy run, batch = the prompts
+The model is configs/lm.py:tiny, random-init, or the latest checkpoint of --workdir. The n-gram store is
+WORKDIR/ngrams.npz, or else one built here from a synthetic corpus (a random sparse Markov chain over the vocabulary)
+whose build time and size are reported. Also reported: the cost of one jitted n-gram lookup of (batch, k, m)
+candidates. Writes superposed.json and superposed.png (time against k) to --out. The targets from the issue, checked
+at k = 3: superposed at least 2.44x faster than nucleus_sequential and at most 1.2x greedy.
+"""
+
+import argparse
+import functools
+import json
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from checkpoints.manager import Checkpoints
+from configs import lm
+from metrics.drafts import NUCLEUS
+from models import registry
+from parallel import mesh as mesh_lib
+from samplers import ngram_store
+from samplers.engine import Sampler, SamplerConfig
+from samplers.superposed import SuperposedConfig, SuperposedSampler
+
+SPEEDUP_TARGET = 2.44  # the paper: at least 2.44x faster than nucleus sampling for k >= 3
+GREEDY_TARGET = 1.2  # the issue: no more than 1.2x one greedy run
+
+
+def load_model(workdir: str | None):
+    model_config = lm.get_config("tiny").model
+    model = registry.build(model_config)
+    params = mesh_lib.strip_logical_names(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    if workdir:
+        checkpoints = Checkpoints(workdir)
+        params = checkpoints.restore_params(jax.eval_shape(lambda: params))
+        checkpoints.close()
+    return model, params
+
+
+def synthetic_store(vocab_size: int, num_tokens: int, path: str) -> dict:
+    """Builds and saves a store from a random Markov chain (16 successors per token, 1000-token documents)."""
+    rng = np.random.default_rng(0)
+    successors_VS = rng.integers(0, vocab_size, (vocab_size, 16))
+    tokens = np.empty(num_tokens, np.int64)
+    tokens[0] = 0
+    choices = rng.integers(0, 16, num_tokens)
+    for i in range(1, num_tokens):
+        tokens[i] = successors_VS[tokens[i - 1], choices[i]]
+    return ngram_store.build_and_save(np.array_split(tokens, max(1, num_tokens // 1000)), path,
+                                      vocab_size=vocab_size)
+
+
+def median_seconds(contenders: dict, repeats: int) -> dict:
+    """{name: median seconds of calling it}; each is called once to compile, then the repeats go round-robin, so the
+    drift of a shared machine hits every contender alike."""
+    for fn in contenders.values():
+        fn()
+    times = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def sequential_runs(sampler, prompts, k: int):
+    return [sampler.generate_tokens(prompts, seed=i) for i in range(k)]
+
+
+def lookup_cost(store, batch: int, k: int, m: int, repeats: int) -> dict:
+    """Median seconds of one jitted ngram_log_probs over (batch, k, m) candidates with 32-token histories."""
+    rng = np.random.default_rng(1)
+    device_store = jax.device_put(store)
+    history_BDT = jnp.asarray(rng.integers(0, store.vocab_size, (batch, k, 32)), jnp.int32)
+    history_len_BD = jnp.full((batch, k), 32, jnp.int32)
+    candidates_BDM = jnp.asarray(rng.integers(0, store.vocab_size, (batch, k, m)), jnp.int32)
+    lookup = jax.jit(ngram_store.ngram_log_probs)
+    seconds = median_seconds({"lookup": lambda: jax.block_until_ready(
+        lookup(device_store, history_BDT, history_len_BD, candidates_BDM))}, repeats)["lookup"]
+    queries = batch * k * m * len(store.orders)
+    return {"batch": batch, "k": k, "m": m, "seconds": seconds, "queries": queries,
+            "microseconds_per_query": seconds / queries * 1e6}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ks", default="2,3,5,10")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per run")
+    parser.add_argument("--prompt-tokens", type=int, default=15)
+    parser.add_argument("--new-tokens", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--workdir", default="", help="a tiny-config workdir: its checkpoint and ngrams.npz")
+    parser.add_argument("--synthetic-tokens", type=int, default=800_000,
+                        help="corpus size for the synthetic n-gram store (without a workdir store)")
+    parser.add_argument("--out", default="workdirs/bench_superposed")
+    args = parser.parse_args()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model, params = load_model(args.workdir)
+    vocab_size = model.config.vocab_size
+    store_path = os.path.join(args.workdir, "ngrams.npz") if args.workdir else ""
+    if store_path and os.path.exists(store_path):
+        store_info = {"path": store_path, "file_bytes": os.path.getsize(store_path), "source": "workdir"}
+    else:
+        store_path = str(out / "synthetic_ngrams.npz")
+        store_info = synthetic_store(vocab_size, args.synthetic_tokens, store_path) | {"source": "synthetic"}
+    load_start = time.perf_counter()
+    store = ngram_store.load_ngram_store(store_path)
+    store_info.update(load_seconds=time.perf_counter() - load_start, rows=int(store.key_R3.shape[0]),
+                      orders=list(store.orders))
+    print(f"n-gram store: {json.dumps(store_info)}", flush=True)
+
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, vocab_size, (args.batch, args.prompt_tokens)).tolist()
+    N = args.new_tokens
+    greedy = Sampler(model, params, None, SamplerConfig(max_new_tokens=N))
+    nucleus = Sampler(model, params, None, SamplerConfig(max_new_tokens=N, sampling=NUCLEUS))
+    results = []
+    for k in (int(k) for k in args.ks.split(",")):
+        spd = SuperposedSampler(model, params, None, SuperposedConfig(max_new_tokens=N, num_drafts=k), store=store)
+        spd_no_ngram = SuperposedSampler(model, params, None, SuperposedConfig(max_new_tokens=N, num_drafts=k,
+                                                                               alpha=0.0))
+        contenders = {
+            "superposed_s": functools.partial(spd.generate_tokens, prompts),
+            "superposed_no_ngram_s": functools.partial(spd_no_ngram.generate_tokens, prompts),
+            "nucleus_sequential_s": functools.partial(sequential_runs, nucleus, prompts, k),
+            "nucleus_batched_s": functools.partial(nucleus.generate_tokens, prompts * k),
+            "greedy_s": functools.partial(greedy.generate_tokens, prompts),
+        }
+        row = {"k": k, "m": spd.config.m, **median_seconds(contenders, args.repeats),
+               "lookup": lookup_cost(store, args.batch, k, spd.config.m, args.repeats)}
+        row["speedup_vs_nucleus_sequential"] = row["nucleus_sequential_s"] / row["superposed_s"]
+        row["speedup_vs_nucleus_batched"] = row["nucleus_batched_s"] / row["superposed_s"]
+        row["ratio_to_greedy"] = row["superposed_s"] / row["greedy_s"]
+        row["ngram_share"] = 1 - row["superposed_no_ngram_s"] / row["superposed_s"]
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    at3 = next((r for r in results if r["k"] == 3), None)
+    targets = None if at3 is None else {
+        f"speedup_vs_nucleus_sequential >= {SPEEDUP_TARGET}": at3["speedup_vs_nucleus_sequential"] >= SPEEDUP_TARGET,
+        f"ratio_to_greedy <= {GREEDY_TARGET}": at3["ratio_to_greedy"] <= GREEDY_TARGET}
+    report = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "model": "tiny",
+              "trained": bool(args.workdir), "batch": args.batch, "prompt_tokens": args.prompt_tokens,
+              "new_tokens": N, "repeats": args.repeats, "ngram_store": store_info, "results": results,
+              "targets_at_k3": targets}
+    (out / "superposed.json").write_text(json.dumps(report, indent=2))
+    plot(results, out / "superposed.png", report)
+    print(f"targets at k=3: {targets}\nwrote {out / 'superposed.json'} and {out / 'superposed.png'}")
+
+
+def plot(results, path, report):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [r["k"] for r in results]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for key, label in (("superposed_s", "Superposed Decoding"), ("superposed_no_ngram_s", "Superposed, no n-grams"),
+                       ("nucleus_sequential_s", "nucleus, k sequential runs"),
+                       ("nucleus_batched_s", "nucleus, one batch of k"), ("greedy_s", "greedy, one run")):
+        ax.plot(ks, [r[key] * 1e3 for r in results], marker="o", label=label)
+    ax.set_xlabel("drafts k")
+    ax.set_ylabel("wall time per call (ms)")
+    ax.set_xticks(ks)
+    ax.set_title(f"k drafts of {report['new_tokens']} tokens, batch {report['batch']}, tiny model, "
+                 f"{report['backend']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
