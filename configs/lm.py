@@ -73,6 +73,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         seq_len=128,
         global_batch_size=16,
         shuffle_seed=0,
+        shuffle_windows=16384,  # packed windows shuffled as one group (~500 files here); a restore re-packs one
         num_shards=0,  # document streams the global batch is drawn from; 0 = one per process (host)
         num_workers=0,
     ))

@@ -15,10 +15,6 @@ from data.corpus import record_text
 from data.packing import PackedWindows
 from data.tokenizer import eos_id
 
-# Packed windows are shuffled in groups of this many, so that batches mix many files rather than walking through
-# a few (a group spans ~500 files of the default corpus). Restoring a checkpoint re-packs at most one group,
-# a few seconds of tokenization.
-_WINDOW_SHUFFLE_SIZE = 16384
 # A document is ~20 windows on average; grain's default buffer (500 documents) tokenizes far ahead of need, which
 # delays the first batch and every restore.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
@@ -69,8 +65,9 @@ def _shard_stream(data_config, tokenizer, source, seed, shard, num_shards, rows)
     if data_config.num_workers > 0:
         # Workers tokenize round-robin slices in order, so batches do not depend on num_workers.
         documents = documents.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers))
+    # Packed windows are shuffled in groups so that batches mix many files rather than walking through a few.
     windows = grain.experimental.WindowShuffleIterDataset(
-        PackedWindows(documents, data_config.seq_len + 1), window_size=_WINDOW_SHUFFLE_SIZE, seed=seed)
+        PackedWindows(documents, data_config.seq_len + 1), window_size=data_config.shuffle_windows, seed=seed)
     return windows.batch(rows, drop_remainder=True)
 
 

@@ -24,7 +24,8 @@ def make_data_config(**overrides) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(dict(
         corpus="stdlib", file_glob="**/*.py", max_files=0, validation_fraction=0.25, text_key="text",
         train_split="train", validation_split="validation", tfds_data_dir="", tokenizer_path="", vocab_size=300,
-        tokenizer_train_bytes=20_000_000, seq_len=32, global_batch_size=4, shuffle_seed=0, num_shards=0,
+        tokenizer_train_bytes=20_000_000, seq_len=32, global_batch_size=4, shuffle_seed=0, shuffle_windows=1024,
+        num_shards=0,
         num_workers=0))
     config.update(overrides)
     return config

@@ -345,7 +345,7 @@ def test_init_from_evaluates_and_fine_tunes_an_imported_model(llama_dir, tmp_pat
     config = lm.get_config("tiny")
     config.init_from = f"hf:{llama_dir}"
     config.data.update(max_files=40, validation_fraction=0.25, tfds_data_dir=str(tmp_path / "tfds"), seq_len=32,
-                       global_batch_size=8)
+                       global_batch_size=8, shuffle_windows=256)
     config.evaluate.update(num_batches=2, num_prompts=1, max_new_tokens=4, samplers={"greedy": {}})
     config.optimizer.update(learning_rate=0.0, weight_decay=0.0)
     config.train.update(num_steps=1, log_every=1)

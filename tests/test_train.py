@@ -27,7 +27,7 @@ def small_config(data_dir, **train_overrides):
     """configs/lm.py:tiny shrunk to seconds per run: 40 stdlib files, a 2-layer model, 32-token windows."""
     config = get_config("tiny")
     config.data.update(max_files=40, validation_fraction=0.25, tfds_data_dir=str(data_dir), vocab_size=300,
-                       seq_len=32, global_batch_size=8, num_shards=2)
+                       seq_len=32, global_batch_size=8, num_shards=2, shuffle_windows=256)
     config.model.update(vocab_size=300, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=4, head_dim=16,
                         mlp_dim=128)
     config.optimizer.update(learning_rate=1e-2, warmup_steps=2)
@@ -156,6 +156,7 @@ def test_two_processes_train_like_one(data_dir, tmp_path, monkeypatch):
         f"--config.{key}={value}" for key, value in [
             ("data.max_files", 40), ("data.validation_fraction", 0.25), ("data.tfds_data_dir", data_dir),
             ("data.vocab_size", 300), ("data.seq_len", 32), ("data.global_batch_size", 8), ("data.num_shards", 2),
+            ("data.shuffle_windows", 256),
             ("model.vocab_size", 300), ("model.num_layers", 2), ("model.embed_dim", 64), ("model.num_heads", 4),
             ("model.num_kv_heads", 4), ("model.head_dim", 16), ("model.mlp_dim", 128),
             ("optimizer.learning_rate", 1e-2), ("optimizer.warmup_steps", 2), ("train.num_steps", 4),
