@@ -89,12 +89,10 @@ def _fmt(value) -> str:
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluates the workdir's latest checkpoint, or the `config.init_from` checkpoint when it has none."""
-    hf_checkpoint = huggingface.parse_init_from(config.init_from)
-    if hf_checkpoint:
-        config = huggingface.adopt_checkpoint_config(config, hf_checkpoint)
+    config, hf_checkpoint = huggingface.resolve_init_from(config)
     distributed.initialize(config.distributed)
     mesh = mesh_lib.make_mesh_for_present_devices(config.mesh)
-    rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
+    rules = mesh_lib.axis_rules(config)
 
     # ---------------------------------------------------------------------------------------------------------
     # Parameters: restored onto this machine's mesh, whatever mesh wrote them.

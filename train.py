@@ -54,12 +54,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     # ---------------------------------------------------------------------------------------------------------
     # Devices: join the other processes, lay out the mesh, name how logical axes map onto it.
     # ---------------------------------------------------------------------------------------------------------
-    hf_checkpoint = huggingface.parse_init_from(config.init_from)
-    if hf_checkpoint:
-        config = huggingface.adopt_checkpoint_config(config, hf_checkpoint)
+    config, hf_checkpoint = huggingface.resolve_init_from(config)
     distributed.initialize(config.distributed)
     mesh = mesh_lib.make_mesh(config.mesh)
-    rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
+    rules = mesh_lib.axis_rules(config)
     process_index, process_count = jax.process_index(), jax.process_count()
 
     # ---------------------------------------------------------------------------------------------------------

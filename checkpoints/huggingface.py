@@ -368,9 +368,16 @@ def load(path: str, *, dtype: str = "float32", attention: str = "xla", mesh=None
     return model, load_hf_params(path, model_config, shardings), tokenizer
 
 
-def adopt_checkpoint_config(config: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
-    """A copy of `config` whose model is PATH's (its runtime fields kept) and whose tokenizer is PATH's, so
-    `--config.init_from=hf:PATH` needs no other flag."""
+def resolve_init_from(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, str]:
+    """(the config to run, the Hugging Face directory) for `config.init_from`: "" leaves the config as it is;
+    "hf:DIR" gives a copy whose model is DIR's (runtime fields kept) and whose tokenizer is DIR's, so no other
+    flag is needed."""
+    if not config.init_from:
+        return config, ""
+    path = config.init_from[3:]
+    if not config.init_from.startswith("hf:") or not os.path.isdir(path):
+        raise InputError(f"config.init_from={config.init_from!r} must be '' or 'hf:DIR' with DIR a Hugging Face "
+                         "checkpoint directory")
     config = ml_collections.ConfigDict(config.to_dict())
     for key, value in model_config_from_hf(path).items():
         if key not in _RUNTIME_FIELDS:
@@ -378,17 +385,7 @@ def adopt_checkpoint_config(config: ml_collections.ConfigDict, path: str) -> ml_
     config.data.vocab_size = config.model.vocab_size
     if not config.data.tokenizer_path:
         config.data.tokenizer_path = os.path.join(path, "tokenizer.json")
-    return config
-
-
-def parse_init_from(init_from: str) -> str:
-    """The directory named by `config.init_from` ("hf:PATH"), or "" when it is empty."""
-    if not init_from:
-        return ""
-    if not init_from.startswith("hf:") or not os.path.isdir(init_from[3:]):
-        raise InputError(f"config.init_from={init_from!r} must be '' or 'hf:DIR' with DIR a Hugging Face "
-                         "checkpoint directory")
-    return init_from[3:]
+    return config, path
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,20 +2,20 @@
 
 Presets, selected as FILE:PRESET; every value is overridable, e.g. `--config.model.num_layers=4`.
 
-  tiny     ~3M parameters, 2 CPU cores. The README's `make demo`:
+  tiny     3.7M parameters, 2 CPU cores. The README's `make demo`:
              python train.py --config=configs/lm.py:tiny --workdir=workdirs/tiny
              python evaluate.py --config=configs/lm.py:tiny --workdir=workdirs/tiny
            Expect the training loss to fall from ~8.2 to below 4 in 300 steps (about 5 minutes on 2 CPU cores),
            validation perplexity in the 40s, and greedy completions that are indented Python.
-  small    ~100M parameters, one GPU:
+  small    ~100M parameters (bf16 compute), one GPU:
              python train.py --config=configs/lm.py:small --workdir=workdirs/small
-           Expect a validation loss near 1.4 nats/token after 20k steps (~1.5 h on one H100).
-  gpu_1b   ~1B parameters, bf16, one H100 (or 8 GPUs with --config.mesh.fsdp=-1):
+  gpu_1b   ~1.1B parameters, bf16, remat; one H100 (or 8 GPUs with --config.mesh.fsdp=-1):
              python train.py --config=configs/lm.py:gpu_1b --workdir=workdirs/1b
-  pod      ~8B parameters, FSDP over a Cloud TPU pod slice, one process per host (see README for the gcloud line):
-             python train.py --config=configs/lm.py:pod --workdir=gs://BUCKET/lm_pod
+  pod      7.2B parameters (Llama-3-8B shape, 32k vocab), FSDP over a Cloud TPU pod slice, one process per host:
+             python train.py --config=configs/lm.py:pod --workdir=gs://BUCKET/lm_pod   (gcloud line in the README)
+  The results of small, gpu_1b and pod are not measured yet: no accelerator run of them has been made.
 
-Restore order: the workdir's own latest checkpoint, else `init_from` (issue: Hugging Face import), else scratch.
+Restore order: the workdir's own latest checkpoint, else `init_from` (a Hugging Face directory), else scratch.
 """
 
 import ml_collections

@@ -32,6 +32,11 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.shard
     return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
+def axis_rules(config: ml_collections.ConfigDict) -> tuple:
+    """`config.logical_axis_rules` as nested tuples (hashable; command-line overrides may give lists)."""
+    return tuple(tuple(rule) for rule in config.logical_axis_rules)
+
+
 def make_mesh_for_present_devices(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     """`config.mesh` if it fits the devices present, else all of them data-parallel: evaluation of a pod run
     on one GPU keeps the pod's config."""

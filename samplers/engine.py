@@ -126,7 +126,7 @@ class Sampler:
             self._batch_axes = nn.logical_to_mesh_axes(("cache_batch",), rules)[0]
             self._data_parallel = math.prod(mesh.shape[a] for a in jax.tree.leaves(self._batch_axes))
             params = jax.device_put(params, self._param_shardings())
-            jit_kwargs["out_shardings"] = self._state_shardings()
+            jit_kwargs["out_shardings"] = self.state_shardings()
         else:
             self._data_parallel = 1
         # The model casts each matrix to its compute dtype at every step; casting once instead halves the bytes a
@@ -159,21 +159,21 @@ class Sampler:
 
     def prefill(self, prompt_tokens: list[list[int]], *, seed: int = 0) -> SamplingState:
         """The state after the prompts are in the cache and each row's first token is sampled (batch padded)."""
-        prompt_BP, lengths_B, cache_len = self._pad_prompts(prompt_tokens)
+        prompt_BP, lengths_B, cache_len = self.pad_prompts(prompt_tokens)
         live_B = np.arange(len(lengths_B)) < len(prompt_tokens)
-        with self._sharding_context():
-            return self._prefill(self.params, *self._put_batch(prompt_BP, lengths_B, live_B), jax.random.key(seed),
+        with self.sharding_context():
+            return self._prefill(self.params, *self.put_batch(prompt_BP, lengths_B, live_B), jax.random.key(seed),
                                  cache_len=cache_len)
 
     def decode(self, state: SamplingState) -> SamplingState:
         """Runs the decode loop to the end; `state` is donated."""
-        with self._sharding_context():
+        with self.sharding_context():
             return self._decode(self.params, state)
 
     def output(self, state: SamplingState, num_prompts: int) -> SamplerOutput:
         """The first `num_prompts` rows of a finished state as tokens, text, log-probs and stop reasons."""
         tokens_BN, log_probs_BN, num_tokens_B = (
-            self._fetch(x)[:num_prompts] for x in (state.tokens_BN, state.log_probs_BN, state.num_tokens_B))
+            self.fetch(x)[:num_prompts] for x in (state.tokens_BN, state.log_probs_BN, state.num_tokens_B))
         stop_tokens, max_new = set(self.config.stop_tokens), self.config.max_new_tokens
         output = SamplerOutput([], [], [], [])
         for row_tokens, row_log_probs, n in zip(tokens_BN, log_probs_BN, num_tokens_B):
@@ -193,7 +193,7 @@ class Sampler:
             output.stop_reason.append(reason)
         return output
 
-    def _pad_prompts(self, prompt_tokens):
+    def pad_prompts(self, prompt_tokens):
         """Prompts right-padded to [batch, bucket] with their lengths, and the cache length for that bucket."""
         if isinstance(prompt_tokens, np.ndarray) or not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
             raise InputError("Sampler.generate_tokens: prompt_tokens must be a non-empty list of token-id lists")
@@ -229,7 +229,7 @@ class Sampler:
     # ---------------------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _sharding_context(self):
+    def sharding_context(self):
         if self.mesh is None:
             yield
             return
@@ -239,11 +239,11 @@ class Sampler:
     def _param_shardings(self):
         """The shardings the parameters' logical names map to (params arrive unboxed, so init is re-traced)."""
         tokens_BT = jnp.zeros((1, 1), jnp.int32)
-        with self._sharding_context():
+        with self.sharding_context():
             boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0), tokens_BT)["params"])
         return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), self.mesh, self.rules)
 
-    def _state_shardings(self) -> SamplingState:
+    def state_shardings(self) -> SamplingState:
         """Batch-major arrays over the data-parallel axes, the cache by its logical axes, scalars replicated."""
         batch = NamedSharding(self.mesh, P(self._batch_axes))
         abstract_cache = jax.eval_shape(lambda: self.model.init_cache(1, 1))
@@ -252,14 +252,14 @@ class Sampler:
         return SamplingState(step=replicated, tokens_BN=batch, log_probs_BN=batch, num_tokens_B=batch, done_B=batch,
                              last_token_B=batch, prompt_BP=batch, cache=cache, rng=replicated)
 
-    def _put_batch(self, *arrays):
+    def put_batch(self, *arrays):
         if self.mesh is None:
             return arrays
         sharding = NamedSharding(self.mesh, P(self._batch_axes))
         return tuple(jax.device_put(a, sharding) for a in arrays)
 
     @staticmethod
-    def _fetch(x) -> np.ndarray:
+    def fetch(x) -> np.ndarray:
         return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
 
     # ---------------------------------------------------------------------------------------------------------

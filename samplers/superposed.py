@@ -151,7 +151,7 @@ class SuperposedSampler:
             self.store = None
         jit_kwargs = {}
         if mesh is not None:
-            jit_kwargs["out_shardings"] = self._state_shardings()
+            jit_kwargs["out_shardings"] = self.state_shardings()
         self._prefill = jax.jit(self._prefill_fn, static_argnames="cache_len", **jit_kwargs)
         self._decode = jax.jit(self._decode_fn, donate_argnames="state", **jit_kwargs)
 
@@ -173,20 +173,20 @@ class SuperposedSampler:
 
     def prefill(self, prompt_tokens: list[list[int]]) -> SuperposedState:
         """The state after the prompts are in the cache and the first token of the drafts is chosen."""
-        prompt_BP, lengths_B, cache_len = self.engine._pad_prompts(prompt_tokens)
+        prompt_BP, lengths_B, cache_len = self.engine.pad_prompts(prompt_tokens)
         live_B = np.arange(len(lengths_B)) < len(prompt_tokens)
-        with self.engine._sharding_context():
-            return self._prefill(self.engine.params, *self.engine._put_batch(prompt_BP, lengths_B, live_B),
+        with self.engine.sharding_context():
+            return self._prefill(self.engine.params, *self.engine.put_batch(prompt_BP, lengths_B, live_B),
                                  self.store, cache_len=cache_len)
 
     def decode(self, state: SuperposedState) -> SuperposedState:
         """Runs the decode loop to the end; `state` is donated."""
-        with self.engine._sharding_context():
+        with self.engine.sharding_context():
             return self._decode(self.engine.params, state, self.store)
 
     def output(self, state: SuperposedState, num_prompts: int) -> SuperposedOutput:
         """Alive and finished drafts of the first `num_prompts` prompts, merged, deduplicated and sorted."""
-        fetch = lambda x: self.engine._fetch(x)[:num_prompts]
+        fetch = lambda x: self.engine.fetch(x)[:num_prompts]
         tokens_BCN = np.concatenate([fetch(state.alive_BDN), fetch(state.finished_BDN)], axis=1)
         scores_BC = np.concatenate([fetch(state.alive_score_BD), fetch(state.finished_score_BD)], axis=1)
         stop_tokens, k = set(self.config.stop_tokens), self.config.num_drafts
@@ -205,9 +205,9 @@ class SuperposedSampler:
                                 for t in text_tokens])
         return output
 
-    def _state_shardings(self) -> SuperposedState:
+    def state_shardings(self) -> SuperposedState:
         """Batch-major arrays over the data-parallel axes, the cache by its logical axes, the step replicated."""
-        engine = self.engine._state_shardings()
+        engine = self.engine.state_shardings()
         batch = engine.tokens_BN
         return SuperposedState(step=engine.step, prompt_BP=batch, lengths_B=batch, alive_BDN=batch,
                                alive_score_BD=batch, finished_BDN=batch, finished_score_BD=batch, cache=engine.cache)

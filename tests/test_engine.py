@@ -72,29 +72,30 @@ def greedy(model_config, params, tokenizer):
     return Sampler(Model(model_config), params, tokenizer, config)
 
 
+def greedy_by_full_forward(model, params, prompts, num_new=MAX_NEW):
+    """Greedy tokens and their log-probs by re-running the full forward (no cache) on the growing sequences,
+    right-padded to REFERENCE_LEN so the forward compiles once."""
+    forward = jax.jit(lambda tokens_BT: model.apply({"params": params}, tokens_BT)[0])
+    sequences = [list(p) for p in prompts]
+    new_tokens, new_log_probs = [[] for _ in prompts], [[] for _ in prompts]
+    for _ in range(num_new):
+        tokens_BT = np.zeros((len(prompts), REFERENCE_LEN), np.int32)
+        for b, seq in enumerate(sequences):
+            tokens_BT[b, :len(seq)] = seq
+        logits_BTV = np.asarray(forward(tokens_BT))
+        for b, seq in enumerate(sequences):
+            logits_V = logits_BTV[b, len(seq) - 1]
+            token = int(np.argmax(logits_V))
+            log_probs_V = logits_V - np.log(np.sum(np.exp(logits_V - logits_V.max()))) - logits_V.max()
+            seq.append(token)
+            new_tokens[b].append(token)
+            new_log_probs[b].append(float(log_probs_V[token]))
+    return new_tokens, new_log_probs
+
+
 @pytest.fixture(scope="module")
 def reference(model_config, params):
-    """Greedy tokens and their log-probs by re-running the full forward (no cache) on the growing sequences."""
-    forward = jax.jit(lambda tokens_BT: Model(model_config).apply({"params": params}, tokens_BT)[0])
-
-    def run(prompts, num_new=MAX_NEW):
-        sequences = [list(p) for p in prompts]
-        new_tokens, new_log_probs = [[] for _ in prompts], [[] for _ in prompts]
-        for _ in range(num_new):
-            tokens_BT = np.zeros((len(prompts), REFERENCE_LEN), np.int32)
-            for b, seq in enumerate(sequences):
-                tokens_BT[b, :len(seq)] = seq
-            logits_BTV = np.asarray(forward(tokens_BT))
-            for b, seq in enumerate(sequences):
-                logits_V = logits_BTV[b, len(seq) - 1]
-                token = int(np.argmax(logits_V))
-                log_probs_V = logits_V - np.log(np.sum(np.exp(logits_V - logits_V.max()))) - logits_V.max()
-                seq.append(token)
-                new_tokens[b].append(token)
-                new_log_probs[b].append(float(log_probs_V[token]))
-        return new_tokens, new_log_probs
-
-    return run
+    return lambda prompts: greedy_by_full_forward(Model(model_config), params, prompts)
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +198,17 @@ def test_pallas_decode_matches_xla(model_config, params, reference_greedy):
     pallas = Model(dataclasses.replace(model_config, attention="pallas"))
     sampler = Sampler(pallas, params, None, SamplerConfig(max_new_tokens=MAX_NEW, prompt_buckets=BUCKETS))
     assert sampler.generate_tokens(PROMPTS).tokens == reference_greedy[0]
+
+
+@pytest.mark.parametrize("softmax_every", [0, 2], ids=["lightning", "hybrid"])
+def test_lightning_decoder_decodes_through_the_engine(model_config, softmax_every):
+    """Linear-attention layers carry a constant-size state through the engine; greedy equals the full forward."""
+    model = Model(dataclasses.replace(model_config, attention="lightning", lightning_block_size=8,
+                                      softmax_every=softmax_every))
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = jax.tree.map(lambda x: 3.0 * x, params)
+    sampler = Sampler(model, params, None, SamplerConfig(max_new_tokens=MAX_NEW, prompt_buckets=BUCKETS))
+    assert sampler.generate_tokens(PROMPTS).tokens == greedy_by_full_forward(model, params, PROMPTS)[0]
 
 
 @pytest.mark.parametrize("make, match", [
