@@ -137,9 +137,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         output = sampler.generate(prompts, seed=config.seed)
         results["samples"][name] = [{"prompt": prompt, "completion": text}
                                     for prompt, text in zip(prompts, output.text)]
-        if name == "greedy":
+        if name in ("greedy", "nucleus"):
             for prompt, text in zip(prompts, output.text):
-                print(f"{'-' * 80}\n{prompt}\033[1m{text}\033[0m")
+                print(f"{'-' * 30} {name} {'-' * 30}\n{prompt}\033[1m{text}\033[0m")
 
     # ---------------------------------------------------------------------------------------------------------
     # Superposed Decoding: k drafts vs nucleus run k times vs greedy (metrics/drafts.py).

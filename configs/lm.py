@@ -5,8 +5,9 @@ Presets, selected as FILE:PRESET; every value is overridable, e.g. `--config.mod
   tiny     3.7M parameters, 2 CPU cores. The README's `make demo`:
              python train.py --config=configs/lm.py:tiny --workdir=workdirs/tiny
              python evaluate.py --config=configs/lm.py:tiny --workdir=workdirs/tiny
-           Expect the training loss to fall from ~8.2 to below 4 in 300 steps (about 5 minutes on 2 CPU cores),
-           validation perplexity in the 40s, and greedy completions that are indented Python.
+           Expect ~1.9 steps/s (3,900 tokens/s) on 2 CPU cores: the training loss falls from ln(2048) = 7.6 at
+           initialization to 6.2 at step 25 and 3.3-4.3 at step 500 (4.5 minutes), validation loss ~4.9 (perplexity ~135, 2.5 bits per byte),
+           and completions that are Python-shaped but repetitive (greedy) or loose (nucleus).
   small    ~100M parameters (bf16 compute), one GPU:
              python train.py --config=configs/lm.py:small --workdir=workdirs/small
   gpu_1b   ~1.1B parameters, bf16, remat; one H100 (or 8 GPUs with --config.mesh.fsdp=-1):
