@@ -130,7 +130,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     prompts = pipeline.validation_prompts(config.data, sources["validation"], config.evaluate.num_prompts,
                                           config.evaluate.prompt_chars)
     results["samples"] = {}
-    for name, sampling in config.evaluate.samplers.items():
+    for name, sampling in (config.evaluate.samplers.items() if prompts else ()):
         sampler = Sampler(model, params, tokenizer, SamplerConfig(
             max_new_tokens=config.evaluate.max_new_tokens, stop_tokens=(tokenizer_lib.eos_id(tokenizer),),
             sampling=SamplingConfig(**sampling)), mesh=mesh, rules=rules)

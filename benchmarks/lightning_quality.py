@@ -2,13 +2,14 @@
 
   python benchmarks/lightning_quality.py --steps=300 --out=benchmarks/results/lightning_quality
 
-Trains each into OUT/<name>, evaluates it on the same validation batches, and writes OUT/lightning_quality.json
-and a markdown table of validation loss, perplexity and bits per byte.
+Trains each from scratch into OUT/<name> (replacing what is there), evaluates it on the same validation batches,
+and writes OUT/lightning_quality.json and a markdown table of validation loss, perplexity and bits per byte.
 """
 
 import argparse
 import json
 import os
+import shutil
 import time
 
 import evaluate
@@ -32,8 +33,9 @@ def main():
     for name, make_config in CONTENDERS.items():
         config = make_config()
         config.train.update(num_steps=args.steps, checkpoint_every=args.steps)
-        config.evaluate.update(num_prompts=0, samplers={})
+        config.evaluate.num_prompts = 0
         workdir = os.path.join(args.out, name.split()[0])
+        shutil.rmtree(workdir, ignore_errors=True)
         start = time.perf_counter()
         history = train.train_and_evaluate(config, workdir)
         train_seconds = time.perf_counter() - start

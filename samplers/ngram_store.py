@@ -11,6 +11,9 @@ Layout: one row per distinct (context, next token) over all orders, sorted by ke
   counts_R2  int32 (R, 2)   count(context, token), and count(context, .) = the sum of the first over the context's rows
 Rows of one context are contiguous, so a single lower-bound search for (context, token) finds both counts. The last
 row is a sentinel (all-ones key, zero counts) that sorts after every real row, so a search never runs off the end.
+  bucket_start_P1 int32 (2^bits + 1)  first row of each bucket of context_hi's top `bits` bits (a radix index):
+                            hashes spread rows evenly, so a search reads one bucket start and then binary-searches a
+                            few rows (~8 on average) instead of ~24 random rows of the whole table.
 
 Hashes: the two halves come from two different 32-bit mixers (a MurmurHash3 round and an xxHash32-style round),
 written once over uint32 arithmetic and run by numpy on the host and by jnp on the device, so they agree bit for bit on
@@ -37,7 +40,9 @@ DEFAULT_ORDERS = (2, 3, 4, 5, 6)
 # The reference's `i_weights` for bigram..6-gram; unnormalised (sum 0.5), kept as is.
 REFERENCE_WEIGHTS = (0.01, 0.04, 0.15, 0.18, 0.12)
 # Bumped whenever the hash or the layout changes, so stale files are rejected instead of silently missing.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_ROWS_PER_BUCKET = 8  # average bucket size the radix index aims for
+_MAX_BUCKET_BITS = 22  # at most 4M buckets, a 16 MB index
 
 _INT32_MAX = np.iinfo(np.int32).max
 _UINT32_MAX = np.iinfo(np.uint32).max
@@ -53,7 +58,10 @@ class NgramStore:
 
     key_R3: jax.Array  # uint32 (context_hi, context_lo, token), rows sorted lexicographically
     counts_R2: jax.Array  # int32 (count(context, token), count(context, .))
+    bucket_start_P1: jax.Array  # int32 first row of each context_hi bucket, and R at the end
     orders: tuple[int, ...] = flax.struct.field(pytree_node=False)
+    bucket_bits: int = flax.struct.field(pytree_node=False)
+    bucket_steps: int = flax.struct.field(pytree_node=False)  # binary-search steps that cover the largest bucket
     rows_per_order: tuple[int, ...] = flax.struct.field(pytree_node=False)  # without the sentinel
     num_tokens: int = flax.struct.field(pytree_node=False)
     vocab_size: int = flax.struct.field(pytree_node=False)
@@ -172,8 +180,19 @@ def build_ngram_store(token_sequences: Iterable[np.ndarray], orders: Sequence[in
     perm_R = np.argsort(key_R, kind="stable")
     key_R3 = np.stack([(key_R >> np.uint64(32)).astype(np.uint32), (key_R & np.uint64(_UINT32_MAX)).astype(np.uint32),
                        np.concatenate(tokens)], axis=1)[perm_R]
-    return NgramStore(key_R3=key_R3, counts_R2=np.concatenate(counts)[perm_R], orders=orders,
-                      rows_per_order=tuple(rows_per_order), num_tokens=int(tokens_N.size), vocab_size=int(vocab_size))
+    return _with_index(key_R3, np.concatenate(counts)[perm_R], orders=orders, rows_per_order=tuple(rows_per_order),
+                       num_tokens=int(tokens_N.size), vocab_size=int(vocab_size))
+
+
+def _with_index(key_R3: np.ndarray, counts_R2: np.ndarray, **metadata) -> NgramStore:
+    """The store with its radix index over the top bits of context_hi."""
+    num_rows = key_R3.shape[0]
+    bits = int(np.clip(np.ceil(np.log2(max(num_rows / _ROWS_PER_BUCKET, 2))), 1, _MAX_BUCKET_BITS))
+    bucket_R = key_R3[:, 0] >> np.uint32(32 - bits)
+    bucket_start_P1 = np.searchsorted(bucket_R, np.arange(2 ** bits + 1), side="left").astype(np.int32)
+    largest_bucket = int(np.diff(bucket_start_P1).max())
+    return NgramStore(key_R3=key_R3, counts_R2=counts_R2, bucket_start_P1=bucket_start_P1, bucket_bits=bits,
+                      bucket_steps=largest_bucket.bit_length(), **metadata)
 
 
 def save_ngram_store(store: NgramStore, path: str) -> None:
@@ -197,10 +216,9 @@ def load_ngram_store(path: str) -> NgramStore:
         if "format_version" not in data or int(data["format_version"]) != FORMAT_VERSION:
             raise InputError(f"{path} is not an n-gram store of format version {FORMAT_VERSION}; rebuild it with: "
                              f"{BUILD_COMMAND}")
-        return NgramStore(key_R3=data["key_R3"], counts_R2=data["counts_R2"],
-                          orders=tuple(int(n) for n in data["orders"]),
-                          rows_per_order=tuple(int(r) for r in data["rows_per_order"]),
-                          num_tokens=int(data["num_tokens"]), vocab_size=int(data["vocab_size"]))
+        return _with_index(data["key_R3"], data["counts_R2"], orders=tuple(int(n) for n in data["orders"]),
+                           rows_per_order=tuple(int(r) for r in data["rows_per_order"]),
+                           num_tokens=int(data["num_tokens"]), vocab_size=int(data["vocab_size"]))
 
 
 def build_and_save(token_sequences: Iterable[np.ndarray], path: str, orders: Sequence[int] = DEFAULT_ORDERS,
@@ -217,21 +235,19 @@ def build_and_save(token_sequences: Iterable[np.ndarray], path: str, orders: Seq
 # ---------------------------------------------------------------------------------------------------------------------
 # Lookup (device, jit-able).
 
-def _lower_bound(key_R3: jax.Array, query_Q3: jax.Array) -> jax.Array:
-    """First row whose key is >= the query (lexicographic on uint32 columns); < R thanks to the sentinel row."""
-    num_rows = key_R3.shape[0]
-    num_steps = num_rows.bit_length()
+def _lower_bound(store: NgramStore, key_R3: jax.Array, query_Q3: jax.Array) -> jax.Array:
+    """First row whose key is >= the query (lexicographic on uint32 columns); < R thanks to the sentinel row.
 
-    def step(i, pos_Q):
-        # Branchless binary search over power-of-two strides, largest first.
-        stride = jnp.left_shift(1, num_steps - 1 - i)
-        probe_Q = pos_Q + stride - 1
-        row_Q3 = key_R3[jnp.minimum(probe_Q, num_rows - 1)]
-        less_Q = _lexicographic_less(row_Q3, query_Q3)
-        return jnp.where((probe_Q < num_rows) & less_Q, pos_Q + stride, pos_Q)
-
-    # A while loop, not unrolled: measured ~2x faster on CPU at R ~ 2e7.
-    return jax.lax.fori_loop(0, num_steps, step, jnp.zeros(query_Q3.shape[:1], jnp.int32))
+    The radix index gives the query's bucket [start, end); a branchless binary search over power-of-two strides
+    finds the lower bound inside it, or end (the next bucket's first row, also the global answer) if none."""
+    bucket_start_P1 = jnp.asarray(store.bucket_start_P1)
+    bucket_Q = (query_Q3[:, 0] >> jnp.uint32(32 - store.bucket_bits)).astype(jnp.int32)
+    pos_Q, end_Q = bucket_start_P1[bucket_Q], bucket_start_P1[bucket_Q + 1]
+    for i in reversed(range(store.bucket_steps)):  # a few steps: unrolled, no loop overhead
+        probe_Q = pos_Q + (1 << i) - 1
+        less_Q = _lexicographic_less(key_R3[jnp.minimum(probe_Q, key_R3.shape[0] - 1)], query_Q3)
+        pos_Q = jnp.where((probe_Q < end_Q) & less_Q, pos_Q + (1 << i), pos_Q)
+    return pos_Q
 
 
 def _lexicographic_less(a_Q3, b_Q3):
@@ -243,7 +259,7 @@ def _lookup(store: NgramStore, query_Q3: jax.Array) -> tuple[jax.Array, jax.Arra
     """(count(context, token), count(context, .)) per (context_hi, context_lo, token) query; 0 where unseen."""
     # asarray: outside jit the store may still hold numpy arrays, which cannot be indexed by traced positions.
     key_R3, counts_R2 = jnp.asarray(store.key_R3), jnp.asarray(store.counts_R2)
-    pos_Q = _lower_bound(key_R3, query_Q3)
+    pos_Q = _lower_bound(store, key_R3, query_Q3)
     row_Q3, counts_Q2 = key_R3[pos_Q], counts_R2[pos_Q]
     prev_Q = jnp.maximum(pos_Q - 1, 0)
     prev_row_Q3, prev_counts_Q2 = key_R3[prev_Q], counts_R2[prev_Q]

@@ -165,6 +165,6 @@ def test_bad_orders_are_input_errors(orders):
 def test_store_is_a_pytree_with_static_metadata(corpus):
     _, store, _ = corpus
     leaves, treedef = jax.tree.flatten(jax.device_put(store))
-    assert len(leaves) == 2 and all(isinstance(x, jax.Array) for x in leaves)
+    assert len(leaves) == 3 and all(isinstance(x, jax.Array) for x in leaves)
     assert jax.tree.unflatten(treedef, leaves).orders == ORDERS
     assert jnp.asarray(store.key_R3).dtype == jnp.uint32  # no x64 needed
