@@ -9,9 +9,11 @@ Same data, optimizer and sizes as configs/lm.py, so runs compare one to one. Pre
                  python train.py --config=configs/lightning.py:tiny_hybrid --workdir=workdirs/lightning_hybrid
   small        the ~100M model of configs/lm.py:small with linear attention, on a GPU (Pallas kernel):
                  python train.py --config=configs/lightning.py:small --workdir=workdirs/lightning_small
+               (not run yet: no GPU so far)
 
 benchmarks/lightning_quality.py trains tiny, tiny_hybrid and configs/lm.py:tiny for the same steps and tabulates
-their validation losses; expect the three within a few tenths of a nat of each other at 300 steps.
+their validation losses. Measured on 2 CPU cores at 300 steps (~3 minutes each): validation loss 5.20 (lightning),
+5.19 (hybrid), 5.36 (softmax).
 """
 
 from configs import lm
