@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -270,13 +269,6 @@ def abstract_params(model):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
 
 
-def param_shardings(model, mesh, rules):
-    """NamedShardings of the model's parameters on `mesh` by the logical-axis `rules`."""
-    rules = tuple(tuple(rule) for rule in rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return mesh_lib.logical_shardings(abstract_params(model), mesh, rules)
-
-
 def _check_matches(path: str, model_config: ml_collections.ConfigDict) -> None:
     """Every config.model field that shapes the weights' meaning must equal the checkpoint's own."""
     if model_config.name != "llama":
@@ -293,7 +285,7 @@ def _check_matches(path: str, model_config: ml_collections.ConfigDict) -> None:
 def load_hf_params(path: str, model_config: ml_collections.ConfigDict, shardings=None):
     """The decoder's parameters (float32) from PATH's safetensors, placed tensor by tensor.
 
-    `shardings` is a tree of NamedShardings matching the parameters (see `param_shardings`). Each device's block
+    `shardings` is a tree of NamedShardings matching the parameters (see `parallel.mesh.param_shardings`). Each device's block
     of each tensor is read from disk on its own, so a device never holds more than its shard and a host reads only
     its own devices' blocks. Without `shardings` the parameters go to the first device.
     """
@@ -362,9 +354,8 @@ def load(path: str, *, dtype: str = "float32", attention: str = "xla", mesh=None
     model_config.update(dtype=dtype, attention=attention)
     model = registry.build(model_config)
     tokenizer = load_tokenizer(os.path.join(path, "tokenizer.json"), model_config.vocab_size)
-    if rules is None:
-        rules = lm.get_config().logical_axis_rules
-    shardings = None if mesh is None else param_shardings(model, mesh, rules)
+    rules = mesh_lib.axis_rules(lm.get_config()) if rules is None else tuple(map(tuple, rules))
+    shardings = None if mesh is None else mesh_lib.param_shardings(model, mesh, rules)
     return model, load_hf_params(path, model_config, shardings), tokenizer
 
 

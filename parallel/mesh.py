@@ -5,6 +5,7 @@ import math
 import flax.linen as nn
 from absl import logging as absl_logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
@@ -52,6 +53,13 @@ def logical_shardings(logical_tree, mesh, rules):
     """NamedShardings for a tree of logical PartitionSpecs (or of values boxed with logical names)."""
     specs = nn.get_partition_spec(logical_tree)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def param_shardings(model, mesh, rules):
+    """NamedShardings of a models/ module's parameters, from the logical names its init gives them."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    return logical_shardings(boxed, mesh, rules)
 
 
 def batch_sharding(mesh, rules) -> NamedSharding:

@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs.errors import InputError
 from models import kv_cache
+from parallel import mesh as mesh_lib
 from samplers import sampling, stopping
 from samplers.sampling import SamplingConfig
 
@@ -125,7 +126,7 @@ class Sampler:
         if mesh is not None:
             self._batch_axes = nn.logical_to_mesh_axes(("cache_batch",), rules)[0]
             self._data_parallel = math.prod(mesh.shape[a] for a in jax.tree.leaves(self._batch_axes))
-            params = jax.device_put(params, self._param_shardings())
+            params = jax.device_put(params, mesh_lib.param_shardings(model, mesh, rules))
             jit_kwargs["out_shardings"] = self.state_shardings()
         else:
             self._data_parallel = 1
@@ -235,13 +236,6 @@ class Sampler:
             return
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             yield
-
-    def _param_shardings(self):
-        """The shardings the parameters' logical names map to (params arrive unboxed, so init is re-traced)."""
-        tokens_BT = jnp.zeros((1, 1), jnp.int32)
-        with self.sharding_context():
-            boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0), tokens_BT)["params"])
-        return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), self.mesh, self.rules)
 
     def state_shardings(self) -> SamplingState:
         """Batch-major arrays over the data-parallel axes, the cache by its logical axes, scalars replicated."""

@@ -179,7 +179,7 @@ def test_sharded_index_loads_onto_mesh(mesh_sizes, tmp_path, tokenizer_file):
     config = lm.get_config()
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(mesh_sizes))
     model, params, tokenizer = huggingface.load(directory, mesh=mesh, rules=config.logical_axis_rules)
-    wanted = huggingface.param_shardings(model, mesh, config.logical_axis_rules)
+    wanted = mesh_lib.param_shardings(model, mesh, mesh_lib.axis_rules(config))
     for param, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(wanted)):
         assert param.sharding.is_equivalent_to(sharding, param.ndim)
     # The embedding [V, D] is split over vocab (tensor) and, with fsdp, over embed too.
@@ -187,7 +187,7 @@ def test_sharded_index_loads_onto_mesh(mesh_sizes, tmp_path, tokenizer_file):
 
     prompts_ids = [tokenizer.encode(prompt).ids for prompt in PROMPTS]
     tokens_BT, _ = right_padded(prompts_ids)
-    rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
+    rules = mesh_lib.axis_rules(config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         logits_BTV = jax.jit(lambda params, tokens_BT: model.apply({"params": params}, tokens_BT)[0])(
             params, tokens_BT)

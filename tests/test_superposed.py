@@ -185,7 +185,7 @@ def test_sharded_matches_unsharded(model_and_params, corpus, store):
     model, params = model_and_params
     config = lm.get_config("tiny")
     mesh = mesh_lib.make_mesh_for_present_devices(config.mesh)
-    rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
+    rules = mesh_lib.axis_rules(config)
     prompts = _prompts(corpus)
     sharded = SuperposedSampler(model, params, None, _config(), store=store, mesh=mesh, rules=rules)
     plain = SuperposedSampler(model, params, None, _config(), store=store)
