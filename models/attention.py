@@ -5,7 +5,8 @@ The switch (`Config.attention`):
   xla        jax.nn.dot_product_attention(implementation="xla")
   cudnn      jax.nn.dot_product_attention(implementation="cudnn") for the causal forward (GPU only)
   pallas     the Pallas flash-decoding kernel for one-token decode steps over the cache
-Multi-token chunks over a cache (prefill) and training under `pallas` use the XLA path.
+Training under `pallas` uses the XLA path; attention over a cache outside the decode kernel is plain einsums on the
+cache layout for every implementation.
 """
 
 import flax.linen as nn
@@ -44,17 +45,22 @@ def causal_attention(q_BTNH, k_BTKH, v_BTKH, implementation: str):
 
 def cached_attention(q_BTNH, cache: kv_cache.LayerKV, positions_BT, implementation: str):
     """Attention of new tokens over the cache, which already holds them; a key at position s is seen by a
-    query at position p iff s <= p, which also hides stale entries past each sequence's length."""
+    query at position p iff s <= p, which also hides stale entries past each sequence's length. Outside the
+    Pallas decode kernel it is computed on the cache's own [B, K, S, H] layout, so no step copies the cache."""
     if implementation == "pallas" and q_BTNH.shape[1] == 1:
         out_BNH = decode_attention(q_BTNH[:, 0], cache.k_BKSH, cache.v_BKSH, positions_BT[:, 0] + 1)
         return out_BNH[:, None]
-    k_BSKH = jnp.swapaxes(cache.k_BKSH, 1, 2)
-    v_BSKH = jnp.swapaxes(cache.v_BKSH, 1, 2)
-    mask_BTS = jnp.arange(k_BSKH.shape[1])[None, None, :] <= positions_BT[:, :, None]
-    if implementation == "reference":
-        return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype),
-                                        mask=mask_BTS[:, None], implementation="xla")
+    B, T, N, H = q_BTNH.shape
+    K, S = cache.k_BKSH.shape[1:3]
+    q_BKGTH = jnp.einsum("btkgh->bkgth", q_BTNH.reshape(B, T, K, N // K, H))
+    logits_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, cache.k_BKSH.astype(q_BTNH.dtype),
+                              preferred_element_type=jnp.float32) * H**-0.5
+    mask_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTNH.dtype)
+    out_BTKGH = jnp.einsum("bkgts,bksh->btkgh", probs_BKGTS, cache.v_BKSH.astype(q_BTNH.dtype),
+                           preferred_element_type=jnp.float32)
+    return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
 class Attention(nn.Module):
