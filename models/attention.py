@@ -52,14 +52,13 @@ def cached_attention(q_BTNH, cache: kv_cache.LayerKV, positions_BT, implementati
         return out_BNH[:, None]
     B, T, N, H = q_BTNH.shape
     K, S = cache.k_BKSH.shape[1:3]
-    q_BKGTH = jnp.einsum("btkgh->bkgth", q_BTNH.reshape(B, T, K, N // K, H))
-    logits_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, cache.k_BKSH.astype(q_BTNH.dtype),
-                              preferred_element_type=jnp.float32) * H**-0.5
+    # float32 operands: XLA:CPU has no bf16 x bf16 -> f32 dot, and softmax wants f32 anyway.
+    q_BKGTH = jnp.einsum("btkgh->bkgth", q_BTNH.reshape(B, T, K, N // K, H).astype(jnp.float32))
+    logits_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, cache.k_BKSH.astype(jnp.float32)) * H**-0.5
     mask_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
     logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTNH.dtype)
-    out_BTKGH = jnp.einsum("bkgts,bksh->btkgh", probs_BKGTS, cache.v_BKSH.astype(q_BTNH.dtype),
-                           preferred_element_type=jnp.float32)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
+    out_BTKGH = jnp.einsum("bkgts,bksh->btkgh", probs_BKGTS, cache.v_BKSH.astype(jnp.float32))
     return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 

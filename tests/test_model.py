@@ -110,6 +110,12 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
     reference_BTV, _ = Model(Config(**TINY)).apply({"params": params}, tokens_BT)
     assert logits_BTV.dtype == jnp.float32
     np.testing.assert_allclose(logits_BTV, reference_BTV, atol=0.05)
+    # The bf16 cache path (prefill, then a decode step) agrees with the bf16 full forward.
+    cache = model.init_cache(3, 16)
+    assert cache.layers[0].k_BKSH.dtype == jnp.bfloat16
+    prefill_BTV, cache = model.apply({"params": params}, tokens_BT[:, :-1], cache)
+    step_B1V, _ = model.apply({"params": params}, tokens_BT[:, -1:], cache)
+    np.testing.assert_allclose(jnp.concatenate([prefill_BTV, step_B1V], axis=1), logits_BTV, atol=0.05)
 
 
 def test_parameters_carry_logical_axis_names():
