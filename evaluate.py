@@ -98,9 +98,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Parameters: restored onto this machine's mesh, whatever mesh wrote them.
     # ---------------------------------------------------------------------------------------------------------
     model = registry.build(config.model)
-    init_params = lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
-    abstract_params, param_shardings = mesh_lib.sharded_abstract(init_params, jax.random.key(0), mesh=mesh,
-                                                                 rules=rules)
+    abstract_params, param_shardings = mesh_lib.sharded_abstract_params(model, mesh, rules)
     checkpoints = Checkpoints(workdir)
     step = checkpoints.latest_step()
     if step is None and hf_checkpoint:

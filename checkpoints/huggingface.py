@@ -285,9 +285,9 @@ def _check_matches(path: str, model_config: ml_collections.ConfigDict) -> None:
 def load_hf_params(path: str, model_config: ml_collections.ConfigDict, shardings=None):
     """The decoder's parameters (float32) from PATH's safetensors, placed tensor by tensor.
 
-    `shardings` is a tree of NamedShardings matching the parameters (see `parallel.mesh.param_shardings`). Each device's block
-    of each tensor is read from disk on its own, so a device never holds more than its shard and a host reads only
-    its own devices' blocks. Without `shardings` the parameters go to the first device.
+    `shardings` is a tree of NamedShardings matching the parameters (`parallel.mesh.sharded_abstract_params`). Each
+    device's block of each tensor is read from disk on its own, so a device never holds more than its shard and a
+    host reads only its own devices' blocks. Without `shardings` the parameters go to the first device.
     """
     _check_matches(path, model_config)
     abstract = mesh_lib.strip_logical_names(abstract_params(registry.build(model_config)))
@@ -355,7 +355,7 @@ def load(path: str, *, dtype: str = "float32", attention: str = "xla", mesh=None
     model = registry.build(model_config)
     tokenizer = load_tokenizer(os.path.join(path, "tokenizer.json"), model_config.vocab_size)
     rules = mesh_lib.axis_rules(lm.get_config()) if rules is None else tuple(map(tuple, rules))
-    shardings = None if mesh is None else mesh_lib.param_shardings(model, mesh, rules)
+    shardings = None if mesh is None else mesh_lib.sharded_abstract_params(model, mesh, rules)[1]
     return model, load_hf_params(path, model_config, shardings), tokenizer
 
 

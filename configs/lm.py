@@ -6,9 +6,9 @@ Presets, selected as FILE:PRESET; every value is overridable, e.g. `--config.mod
              python train.py --config=configs/lm.py:tiny --workdir=workdirs/tiny
              python evaluate.py --config=configs/lm.py:tiny --workdir=workdirs/tiny
            Expect ~1.9 steps/s (3,900 tokens/s) on 2 CPU cores: the training loss falls from ln(2048) = 7.6 at
-           initialization to 6.2 at step 25 and 3.3-4.3 at step 500 (4.5 minutes), validation loss ~4.9 (perplexity ~135, 2.5 bits per byte),
-           and completions that are Python-shaped but repetitive (greedy) or loose (nucleus).
-  small    ~100M parameters (bf16 compute), one GPU:
+           initialization to 6.2 at step 25 and 3.3-4.3 at step 500 (4.5 minutes); validation loss ~4.9
+           (perplexity ~135, 2.5 bits per byte); completions Python-shaped but repetitive (greedy) or loose (nucleus).
+  small    101M parameters (bf16 compute), one GPU:
              python train.py --config=configs/lm.py:small --workdir=workdirs/small
   gpu_1b   ~1.1B parameters, bf16, remat; one H100 (or 8 GPUs with --config.mesh.fsdp=-1):
              python train.py --config=configs/lm.py:gpu_1b --workdir=workdirs/1b

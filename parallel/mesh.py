@@ -3,11 +3,11 @@
 import math
 
 import flax.linen as nn
-from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging as absl_logging
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -55,13 +55,6 @@ def logical_shardings(logical_tree, mesh, rules):
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def param_shardings(model, mesh, rules):
-    """NamedShardings of a models/ module's parameters, from the logical names its init gives them."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
-    return logical_shardings(boxed, mesh, rules)
-
-
 def batch_sharding(mesh, rules) -> NamedSharding:
     """How a [batch, length] token array is laid out: batch over the data-parallel axes."""
     return NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch", "act_len"), rules))
@@ -91,3 +84,9 @@ def sharded_abstract(init_fn, *args, mesh, rules):
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             strip_logical_names(abstract_boxed), shardings)
     return abstract, shardings
+
+
+def sharded_abstract_params(model, mesh, rules):
+    """`sharded_abstract` of a models/ module's parameters: (abstract params, their NamedShardings)."""
+    init_params = lambda rng: model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    return sharded_abstract(init_params, jax.random.key(0), mesh=mesh, rules=rules)

@@ -126,7 +126,7 @@ class Sampler:
         if mesh is not None:
             self._batch_axes = nn.logical_to_mesh_axes(("cache_batch",), rules)[0]
             self._data_parallel = math.prod(mesh.shape[a] for a in jax.tree.leaves(self._batch_axes))
-            params = jax.device_put(params, mesh_lib.param_shardings(model, mesh, rules))
+            params = jax.device_put(params, mesh_lib.sharded_abstract_params(model, mesh, rules)[1])
             jit_kwargs["out_shardings"] = self.state_shardings()
         else:
             self._data_parallel = 1

@@ -1,9 +1,10 @@
 """N-gram counts for Superposed Decoding, built on the host and looked up inside the jitted decode step.
 
 The reference implementation (RAIVNLab/SuperposedDecoding, `superposed/ngrams/`) keeps one Python dict per order,
-`{context: {next_token: count}}`, counted within documents, and answers `count(context, token) / sum(count(context, .))`,
-or -1 when the context was never seen. This module keeps the same counts as one sorted array, so the sampler can ask
-about the M candidate tokens of every draft with a binary search on the accelerator instead of Python loops.
+`{context: {next_token: count}}`, counted within documents, and answers
+`count(context, token) / sum(count(context, .))`, or -1 when the context was never seen. This module keeps the same
+counts as one sorted array, so the sampler can ask about the M candidate tokens of every draft with a binary search
+on the accelerator instead of Python loops.
 
 Layout: one row per distinct (context, next token) over all orders, sorted by key_R3 = (context_hi, context_lo, token):
   key_R3     uint32 (R, 3)  two 32-bit hashes of the context (together a 64-bit key; they include the context
@@ -267,7 +268,8 @@ def _lookup(store: NgramStore, query_Q3: jax.Array) -> tuple[jax.Array, jax.Arra
     count_Q = jnp.where(same_context_Q & (row_Q3[:, 2] == query_Q3[:, 2]), counts_Q2[:, 0], 0)
     # A context's rows are contiguous, and the lower bound lands inside them or just after their last one.
     prev_same_context_Q = jnp.all(prev_row_Q3[:, :2] == query_Q3[:, :2], axis=1)
-    context_count_Q = jnp.where(same_context_Q, counts_Q2[:, 1], jnp.where(prev_same_context_Q, prev_counts_Q2[:, 1], 0))
+    context_count_Q = jnp.where(same_context_Q, counts_Q2[:, 1],
+                                jnp.where(prev_same_context_Q, prev_counts_Q2[:, 1], 0))
     return count_Q, context_count_Q
 
 
