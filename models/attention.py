@@ -52,13 +52,19 @@ def cached_attention(q_BTNH, cache: kv_cache.LayerKV, positions_BT, implementati
         return out_BNH[:, None]
     B, T, N, H = q_BTNH.shape
     K, S = cache.k_BKSH.shape[1:3]
-    # float32 operands: XLA:CPU has no bf16 x bf16 -> f32 dot, and softmax wants f32 anyway.
-    q_BKGTH = jnp.einsum("btkgh->bkgth", q_BTNH.reshape(B, T, K, N // K, H).astype(jnp.float32))
-    logits_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, cache.k_BKSH.astype(jnp.float32)) * H**-0.5
-    mask_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
-    out_BTKGH = jnp.einsum("bkgts,bksh->btkgh", probs_BKGTS, cache.v_BKSH.astype(jnp.float32))
+    G = N // K
+    # The dots get one batch dimension, Z = (b, k), with M = (g, t) rows: XLA:CPU runs a dot with two batch
+    # dimensions as many tiny matmuls, several times slower at decode shapes. float32 operands: XLA:CPU has no
+    # bf16 x bf16 -> f32 dot, and the softmax wants float32 anyway.
+    q_ZMH = jnp.einsum("btkgh->bkgth", q_BTNH.reshape(B, T, K, G, H)).reshape(B * K, G * T, H).astype(jnp.float32)
+    k_ZSH = cache.k_BKSH.reshape(B * K, S, H).astype(jnp.float32)
+    v_ZSH = cache.v_BKSH.reshape(B * K, S, H).astype(jnp.float32)
+    logits_BKGTS = jnp.einsum("zmh,zsh->zms", q_ZMH, k_ZSH).reshape(B, K, G, T, S) * H**-0.5
+    visible_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
+    logits_BKGTS = jnp.where(visible_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_ZMS = jax.nn.softmax(logits_BKGTS, axis=-1).reshape(B * K, G * T, S)
+    out_ZMH = jnp.einsum("zms,zsh->zmh", probs_ZMS, v_ZSH)
+    out_BTKGH = jnp.einsum("bkgth->btkgh", out_ZMH.reshape(B, K, G, T, H))
     return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
@@ -109,5 +115,8 @@ class Attention(nn.Module):
         out_kernel_NHD = self.param("out_kernel", nn.with_logical_partitioning(
             dense_init(self.out_init_scale, in_axis=(0, 1), out_axis=2), ("heads", "kv", "embed")),
             (self.num_heads, self.head_dim, D), jnp.float32)
-        out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, out_kernel_NHD.astype(self.dtype))
+        # Heads merged first: as a two-axis contraction XLA:CPU transposes the kernel on every call.
+        B, T = out_BTNH.shape[:2]
+        out_kernel_FD = out_kernel_NHD.reshape(self.num_heads * self.head_dim, D).astype(self.dtype)
+        out_BTD = jnp.einsum("btf,fd->btd", out_BTNH.reshape(B, T, -1), out_kernel_FD)
         return out_BTD, cache
