@@ -36,7 +36,15 @@ class Cache:
 
 
 def write(cache_BKSH, new_BTKH, positions_BT):
-    """Writes each sequence's new keys (or values) at its own positions; positions past the cache are dropped."""
-    new_BKTH = jnp.swapaxes(new_BTKH, 1, 2).astype(cache_BKSH.dtype)
-    return jax.vmap(lambda c_KSH, n_KTH, p_T: c_KSH.at[:, p_T].set(n_KTH, mode="drop"))(
-        cache_BKSH, new_BKTH, positions_BT)
+    """Writes each sequence's new keys (or values) at its own positions; positions past the cache are dropped.
+
+    The write goes through the same [batch * kv_heads, S, H] view that attention reads the cache in. Written in
+    the [B, K, S, H] shape, at batch 1 XLA:CPU fuses the update once into the reader's reshape and once into the
+    carried cache, and copies the whole cache every decode step to keep both."""
+    B, K, S, H = cache_BKSH.shape
+    T = new_BTKH.shape[1]
+    cache_ZSH = cache_BKSH.reshape(B * K, S, H)
+    new_ZTH = jnp.swapaxes(new_BTKH, 1, 2).reshape(B * K, T, H).astype(cache_BKSH.dtype)
+    positions_ZT = jnp.repeat(positions_BT, K, axis=0)
+    cache_ZSH = jax.vmap(lambda c_SH, n_TH, p_T: c_SH.at[p_T].set(n_TH, mode="drop"))(cache_ZSH, new_ZTH, positions_ZT)
+    return cache_ZSH.reshape(B, K, S, H)
