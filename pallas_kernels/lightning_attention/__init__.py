@@ -56,20 +56,27 @@ def _check_block_size(block_size, implementation, interpret):
     return backend, interpret
 
 
+def _check_qkv(q, k, v, names):
+    """Checks shared by a sequence's and one token's q, k, v (q's rank already checked); `names` for messages."""
+    q_name, k_name, v_name = names
+    if tuple(k.shape) != tuple(q.shape):
+        raise InputError(f"{k_name} shape {tuple(k.shape)} must equal {q_name} shape {tuple(q.shape)}")
+    leading = ", ".join(str(n) for n in q.shape[:-1])
+    if v.ndim != q.ndim or tuple(v.shape[:-1]) != tuple(q.shape[:-1]):
+        raise InputError(f"{v_name} must be [{leading}, E] to match {q_name}, got {tuple(v.shape)}")
+    if q.dtype not in _DTYPES:
+        raise InputError(f"{q_name} dtype must be float32 or bfloat16, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise InputError(f"q, k, v dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
 def _check_inputs(q_BTHD, k_BTHD, v_BTHE, decay_H, initial_state_BHDE):
     if q_BTHD.ndim != 4:
         raise InputError(f"q_BTHD must be [batch, length, heads, dim], got shape {tuple(q_BTHD.shape)}")
     B, T, H, D = q_BTHD.shape
     if T < 1:
         raise InputError(f"q_BTHD must hold at least one token, got shape {tuple(q_BTHD.shape)}")
-    if tuple(k_BTHD.shape) != tuple(q_BTHD.shape):
-        raise InputError(f"k_BTHD shape {tuple(k_BTHD.shape)} must equal q_BTHD shape {tuple(q_BTHD.shape)}")
-    if v_BTHE.ndim != 4 or tuple(v_BTHE.shape[:3]) != (B, T, H):
-        raise InputError(f"v_BTHE must be [{B}, {T}, {H}, E] to match q_BTHD, got {tuple(v_BTHE.shape)}")
-    if q_BTHD.dtype not in _DTYPES:
-        raise InputError(f"q_BTHD dtype must be float32 or bfloat16, got {q_BTHD.dtype}")
-    if k_BTHD.dtype != q_BTHD.dtype or v_BTHE.dtype != q_BTHD.dtype:
-        raise InputError(f"q, k, v dtypes must match, got {q_BTHD.dtype}, {k_BTHD.dtype}, {v_BTHE.dtype}")
+    _check_qkv(q_BTHD, k_BTHD, v_BTHE, ("q_BTHD", "k_BTHD", "v_BTHE"))
     _check_decay(decay_H, H)
     state_shape = (B, H, D, v_BTHE.shape[3])
     if initial_state_BHDE is not None and tuple(initial_state_BHDE.shape) != state_shape:
@@ -118,14 +125,7 @@ def lightning_decode_step(q_BHD, k_BHD, v_BHE, decay_H, state_BHDE, *, implement
     if q_BHD.ndim != 3:
         raise InputError(f"q_BHD must be [batch, heads, dim], got shape {tuple(q_BHD.shape)}")
     B, H, D = q_BHD.shape
-    if tuple(k_BHD.shape) != tuple(q_BHD.shape):
-        raise InputError(f"k_BHD shape {tuple(k_BHD.shape)} must equal q_BHD shape {tuple(q_BHD.shape)}")
-    if v_BHE.ndim != 3 or tuple(v_BHE.shape[:2]) != (B, H):
-        raise InputError(f"v_BHE must be [{B}, {H}, E] to match q_BHD, got {tuple(v_BHE.shape)}")
-    if q_BHD.dtype not in _DTYPES:
-        raise InputError(f"q_BHD dtype must be float32 or bfloat16, got {q_BHD.dtype}")
-    if k_BHD.dtype != q_BHD.dtype or v_BHE.dtype != q_BHD.dtype:
-        raise InputError(f"q, k, v dtypes must match, got {q_BHD.dtype}, {k_BHD.dtype}, {v_BHE.dtype}")
+    _check_qkv(q_BHD, k_BHD, v_BHE, ("q_BHD", "k_BHD", "v_BHE"))
     _check_decay(decay_H, H)
     if tuple(state_BHDE.shape) != (B, H, D, v_BHE.shape[2]):
         raise InputError(f"state_BHDE must have shape {(B, H, D, v_BHE.shape[2])}, got {tuple(state_BHDE.shape)}")
