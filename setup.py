@@ -10,7 +10,7 @@ setuptools.setup(
     version="0.1.0",
     python_requires=">=3.11",
     packages=setuptools.find_packages(
-        include=["configs*", "models*", "samplers*", "pallas_kernels*", "data*", "parallel*",
+        include=["configs*", "errors*", "models*", "samplers*", "pallas_kernels*", "data*", "parallel*",
                  "checkpoints*", "metrics*", "tools*", "benchmarks*"]),
     py_modules=["train", "evaluate"],
     install_requires=[

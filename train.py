@@ -21,7 +21,7 @@ from checkpoints import huggingface
 from checkpoints.manager import Checkpoints
 from checkpoints.preemption import PreemptionWatch
 from configs import cli
-from configs.errors import InputError, TrainingDiverged
+from errors import InputError, TrainingDiverged
 from data import corpus, pipeline, tokenizer as tokenizer_lib
 from metrics import flops
 from metrics.writer import MetricWriter

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs.errors import InputError
+from errors import InputError
 from pallas_kernels.lightning_attention import lightning_attention
 
 MODES = ("fwd", "fwd+bwd")

@@ -38,7 +38,7 @@ import tokenizers
 from jax.sharding import SingleDeviceSharding
 
 from configs import lm
-from configs.errors import InputError
+from errors import InputError
 from models import registry
 from parallel import mesh as mesh_lib
 

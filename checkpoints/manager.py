@@ -10,7 +10,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from configs.errors import InputError
+from errors import InputError
 
 
 def _shapes_by_path(tree) -> dict[str, tuple]:

@@ -7,7 +7,7 @@ from typing import Callable
 from absl import flags
 from ml_collections import config_flags
 
-from configs.errors import InputError, TrainingDiverged
+from errors import InputError, TrainingDiverged
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A config file and preset, e.g. configs/lm.py:tiny; override values with --config.a.b=v.",

@@ -6,7 +6,7 @@ import sysconfig
 
 import tensorflow_datasets as tfds
 
-from configs.errors import InputError
+from errors import InputError
 from data import text_corpus
 
 SPLITS = ("train", "validation")

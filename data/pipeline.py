@@ -10,7 +10,7 @@ import re
 import grain
 import numpy as np
 
-from configs.errors import InputError
+from errors import InputError
 from data.corpus import record_text
 from data.packing import PackedWindows
 from data.tokenizer import eos_id

@@ -8,7 +8,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from configs.errors import InputError
+from errors import InputError
 from data.corpus import record_text
 
 EOS = "<|endoftext|>"

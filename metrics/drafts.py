@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from checkpoints import huggingface
-from configs.errors import InputError
+from errors import InputError
 from samplers.engine import Sampler, SamplerConfig
 from samplers.sampling import SamplingConfig
 from samplers.superposed import SuperposedConfig, SuperposedSampler

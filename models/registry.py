@@ -10,7 +10,7 @@ import pkgutil
 import ml_collections
 
 import models
-from configs.errors import InputError
+from errors import InputError
 
 
 def available() -> list[str]:

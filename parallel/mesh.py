@@ -11,7 +11,7 @@ from absl import logging as absl_logging
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs.errors import InputError
+from errors import InputError
 
 AXES = ("data", "fsdp", "tensor")
 

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs.errors import InputError
+from errors import InputError
 from models import kv_cache
 from parallel import mesh as mesh_lib
 from samplers import sampling, stopping

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs.errors import InputError
+from errors import InputError
 
 BUILD_COMMAND = "python tools/build_ngrams.py --config=CONFIG --workdir=WORKDIR"
 DEFAULT_ORDERS = (2, 3, 4, 5, 6)

@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from configs.errors import InputError
+from errors import InputError
 
 # -inf, as transformers uses: exp(-inf) is exactly 0, so removed tokens carry no probability mass.
 FILTERED = -jnp.inf

@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs.errors import InputError
+from errors import InputError
 from models import kv_cache
 from samplers import ngram_store, stopping
 from samplers.engine import Sampler, SamplerConfig

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from configs.errors import InputError
+from errors import InputError
 from data import corpus, pipeline, text_corpus, tokenizer
 
 NUM_FILES = 16

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
-from configs.errors import InputError
+from errors import InputError
 from pallas_kernels.decode_attention import decode_attention, decode_attention_pallas
 
 # fp32: XLA:CPU interpret is exact fp32 and the kernel asks for IEEE matmuls; only summation order differs.

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from configs import lm
-from configs.errors import InputError
+from errors import InputError
 from models.llama import Config, Model
 from parallel import mesh as mesh_lib
 from samplers import stopping

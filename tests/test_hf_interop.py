@@ -21,7 +21,7 @@ import transformers
 from checkpoints import huggingface
 from checkpoints.manager import Checkpoints
 from configs import lm
-from configs.errors import InputError
+from errors import InputError
 from models import registry
 from parallel import mesh as mesh_lib
 from samplers.engine import Sampler, SamplerConfig

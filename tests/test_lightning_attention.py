@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.errors import InputError
+from errors import InputError
 from pallas_kernels.lightning_attention import kernel, lightning_attention, lightning_decode_step, reference
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs.errors import InputError
+from errors import InputError
 from models import registry
 from models.llama import Config, Model
 

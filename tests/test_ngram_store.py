@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.errors import InputError
+from errors import InputError
 from samplers import ngram_store
 
 ORDERS = ngram_store.DEFAULT_ORDERS

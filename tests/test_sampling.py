@@ -18,7 +18,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from configs.errors import InputError
+from errors import InputError
 from samplers import sampling
 from samplers.sampling import SamplingConfig
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import lm
-from configs.errors import InputError
+from errors import InputError
 from metrics import drafts
 from models import llama
 from parallel import mesh as mesh_lib

@@ -15,7 +15,7 @@ import pytest
 import evaluate
 import train
 from checkpoints.manager import Checkpoints
-from configs.errors import InputError, TrainingDiverged
+from errors import InputError, TrainingDiverged
 from configs.lm import get_config
 from data import corpus
 from parallel import mesh as mesh_lib

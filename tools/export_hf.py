@@ -17,7 +17,7 @@ from jax.sharding import SingleDeviceSharding
 from checkpoints import huggingface
 from checkpoints.manager import Checkpoints
 from configs import cli
-from configs.errors import InputError
+from errors import InputError
 from models import registry
 from parallel import mesh as mesh_lib
 

@@ -4,7 +4,7 @@ import math
 
 import jax
 
-from configs.errors import InputError
+from errors import InputError
 from pallas_kernels.decode_attention.kernel import decode_attention_pallas
 from pallas_kernels.decode_attention.reference import decode_attention_reference
 

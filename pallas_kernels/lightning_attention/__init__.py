@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs.errors import InputError
+from errors import InputError
 from pallas_kernels.lightning_attention import chunked, kernel, reference
 
 IMPLEMENTATIONS = ("reference", "recurrent", "chunked", "pallas")
