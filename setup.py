@@ -10,8 +10,8 @@ setuptools.setup(
     version="0.1.0",
     python_requires=">=3.11",
     packages=setuptools.find_packages(
-        include=["configs*", "errors*", "models*", "samplers*", "pallas_kernels*", "data*", "parallel*",
-                 "checkpoints*", "metrics*", "tools*", "benchmarks*"]),
+        include=["configs*", "errors*", "evaluators*", "models*", "samplers*", "pallas_kernels*", "data*",
+                 "parallel*", "shapes*", "checkpoints*", "metrics*", "tools*", "benchmarks*"]),
     py_modules=["train", "evaluate"],
     install_requires=[
         "jax>=0.10",

@@ -3,10 +3,11 @@
   python train.py --config=configs/lm.py:tiny --workdir=workdirs/tiny
 
 Rerunning the same command resumes from the workdir's latest checkpoint with the same data order and losses.
+The model family (config.model.name) supplies its loss, FLOPs and initial inputs (models/registry.py); the
+evaluators in config.train.evaluators run every config.train.evaluate_every steps into the same metrics stream.
 The sections below are meant to be edited in a fork; `train_and_evaluate(config, workdir)` is importable.
 """
 
-import math
 import time
 
 import flax.linen as nn
@@ -17,12 +18,13 @@ import numpy as np
 import optax
 import tqdm
 
-from checkpoints import huggingface
+import evaluators
+from checkpoints import init_from
 from checkpoints.manager import Checkpoints
 from checkpoints.preemption import PreemptionWatch
-from configs import cli
-from errors import InputError, TrainingDiverged
+from configs import cli, validation
 from data import corpus, pipeline, tokenizer as tokenizer_lib
+from errors import TrainingDiverged
 from metrics import flops
 from metrics.writer import MetricWriter
 from models import registry
@@ -44,30 +46,47 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
     return optimizer, schedule
 
 
-def next_token_loss(logits_BTV, targets_BT):
-    """Mean cross-entropy in nats per token, in float32."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT).mean()
+def make_init_state(model, optimizer, seq_len: int):
+    """The train state a run starts from: step 0, fresh parameters and optimizer state (boxed with logical names)."""
+    def init_state(rng):
+        params = model.init(rng, *model.example_inputs(1, seq_len))["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+
+    return init_state
+
+
+def make_train_step(model, optimizer, schedule, seed: int):
+    """One step on a batch: the model's own loss, its gradient, the optimizer update, and the step's metrics."""
+    def train_step(state, batch):
+        rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+        (loss, metrics), grads = jax.value_and_grad(model.loss, has_aux=True)(state["params"], batch, rng)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+                   "param_norm": optax.global_norm(params), "learning_rate": schedule(state["step"])}
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    return train_step
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Trains until config.train.num_steps (or stop_at_step, or a preemption); returns the logged metrics."""
     # ---------------------------------------------------------------------------------------------------------
-    # Devices: join the other processes, lay out the mesh, name how logical axes map onto it.
+    # Devices and config: join the other processes, lay out the mesh, name how logical axes map onto it, and
+    # check every config value before anything is built or written.
     # ---------------------------------------------------------------------------------------------------------
-    config, hf_checkpoint = huggingface.resolve_init_from(config)
+    config, init_checkpoint = init_from.resolve(config)
     distributed.initialize(config.distributed)
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = mesh_lib.axis_rules(config)
+    validation.validate(config, mesh=mesh, workdir=workdir, training=True)
     process_index, process_count = jax.process_index(), jax.process_count()
 
     # ---------------------------------------------------------------------------------------------------------
     # Data: the corpus, its tokenizer (trained once, saved in the workdir) and a checkpointable iterator.
     # ---------------------------------------------------------------------------------------------------------
     sources = corpus.load_corpus(config.data)
-    tokenizer = tokenizer_lib.load_or_train_tokenizer(config.data, workdir, sources["train"])
-    if tokenizer.get_vocab_size() > config.model.vocab_size:
-        raise InputError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but config.model.vocab_size is "
-                         f"{config.model.vocab_size}; raise config.model.vocab_size")
+    tokenizer = tokenizer_lib.load_or_train_tokenizer(config.data, workdir, sources["train"], config.model.vocab_size)
     data_iterator = pipeline.train_iterator(config.data, tokenizer, sources["train"], seed=config.data.shuffle_seed,
                                             process_index=process_index, process_count=process_count)
 
@@ -77,10 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     model = registry.build(config.model)
     optimizer, schedule = make_optimizer(config)
     seq_len = config.data.seq_len
-
-    def init_state(rng):
-        params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+    init_state = make_init_state(model, optimizer, seq_len)
 
     # ---------------------------------------------------------------------------------------------------------
     # Train state: shardings come from the logical names on the abstract state. Restore order: the workdir's
@@ -93,9 +109,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         start_step = checkpoints.latest_step()
         if start_step is not None:
             state = checkpoints.restore(start_step, abstract_state, data_iterator)
-        elif hf_checkpoint:
+        elif init_checkpoint:
             start_step = 0
-            params = huggingface.load_hf_params(hf_checkpoint, config.model, state_shardings["params"])
+            params = init_from.load_params(init_checkpoint, config.model, state_shardings["params"])
             state = {"step": jnp.zeros((), jnp.int32), "params": params,
                      "opt_state": jax.jit(optimizer.init, out_shardings=state_shardings["opt_state"])(params)}
         else:
@@ -103,31 +119,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
             state = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)),
                             out_shardings=state_shardings)(jax.random.key(config.seed))
 
-    num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract_state["params"]))
-    lookup_only = 0 if config.model.tie_embeddings else config.model.vocab_size * config.model.embed_dim
-    flops_per_token = flops.training_flops_per_token(num_params, lookup_only, config.model.num_layers,
-                                                     config.model.num_heads * config.model.head_dim, seq_len)
+    flops_per_token = model.flops_per_token(seq_len)
     peak_flops = flops.peak_flops_per_device(config.train.peak_flops_per_device)
 
     # ---------------------------------------------------------------------------------------------------------
     # The train step: one jitted function, state donated, shardings pinned on the way in and out.
     # ---------------------------------------------------------------------------------------------------------
-    def train_step(state, tokens_BT1):
-        def loss_fn(params):
-            logits_BTV, _ = model.apply({"params": params}, tokens_BT1[:, :-1])
-            return next_token_loss(logits_BTV, tokens_BT1[:, 1:])
-
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
-                   "learning_rate": schedule(state["step"])}
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
-
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+        train_step = jax.jit(make_train_step(model, optimizer, schedule, config.seed),
+                             in_shardings=(state_shardings, batch_sharding),
                              out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Evaluators (evaluators/), run on the current parameters every config.train.evaluate_every steps.
+    # ---------------------------------------------------------------------------------------------------------
+    evaluate_every = config.train.evaluate_every
+    context = evaluators.Context(config, workdir, model, tokenizer, sources, mesh, rules)
+    periodic = {name: evaluators.build(name, context) for name in config.train.evaluators} if evaluate_every else {}
+
+    def evaluate(step, params):
+        scalars = {}
+        for name, evaluator in periodic.items():
+            scalars.update(evaluators.scalars(evaluator.run(params), f"eval/{name}"))
+        writer.write(step, scalars)
+        history.append({"step": step, **scalars})
 
     # ---------------------------------------------------------------------------------------------------------
     # The loop. Step t's metrics are read after step t+1 is dispatched, so the host never idles the devices;
@@ -163,8 +179,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             for step in range(start_step + 1, config.train.num_steps + 1):
-                local_BT1 = next(data_iterator)
-                state, metrics = train_step(state, mesh_lib.global_batch(local_BT1, batch_sharding))
+                batch = jax.tree.map(lambda x: mesh_lib.global_batch(x, batch_sharding), next(data_iterator))
+                state, metrics = train_step(state, batch)
                 if pending:
                     report(*pending)
                 pending = (step, metrics)
@@ -174,6 +190,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
                     report(*pending)
                     pending = None
                     checkpoints.save(state, data_iterator)
+                if periodic and (step % evaluate_every == 0 or step == config.train.num_steps):
+                    evaluate(step, state["params"])
                 if stopping:
                     break
             if pending:

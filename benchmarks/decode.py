@@ -122,9 +122,9 @@ def peak_bandwidth(num_bytes, on_gpu):
 def run_one(preset, batch, args, on_gpu, hf_device, thread_counts):
     model_config = lm.get_config(preset).model
     dtype = args.dtype or ("float32" if not on_gpu else model_config.dtype)
-    model_config.update(attention=args.attention, dtype=dtype, remat="none")
+    model_config.update(softmax_implementation=args.softmax_implementation, dtype=dtype, remat="none")
     model = registry.build(model_config)
-    params = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]))(
+    params = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, *model.example_inputs())["params"]))(
         jax.random.key(0))
     num_params = sum(x.size for x in jax.tree.leaves(params))
     prompts = np.random.default_rng(0).integers(0, model_config.vocab_size, (batch, args.prompt_len)).tolist()
@@ -133,7 +133,8 @@ def run_one(preset, batch, args, on_gpu, hf_device, thread_counts):
     end_to_end, prefill, decode, tokens = time_decodelab(sampler, prompts, args.repeats)
     N = args.max_new_tokens
     result = {"preset": preset, "batch": batch, "params": int(num_params), "dtype": dtype,
-              "prompt_len": args.prompt_len, "max_new_tokens": N, "attention": args.attention,
+              "prompt_len": args.prompt_len, "max_new_tokens": N,
+              "softmax_implementation": args.softmax_implementation,
               "decodelab_end_to_end_s": end_to_end, "decodelab_prefill_s": prefill, "decodelab_decode_s": decode,
               "decodelab_tokens_per_s": batch * N / end_to_end,
               "decodelab_decode_tokens_per_s": batch * (N - 1) / decode}
@@ -204,7 +205,7 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--attention", default="xla", help="reference | xla | cudnn | pallas")
+    parser.add_argument("--softmax-implementation", default="xla", help="reference | xla | cudnn | pallas")
     parser.add_argument("--dtype", default="", help="compute dtype; default float32 on CPU, the preset's on GPU")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hf-repeats", type=int, default=1)

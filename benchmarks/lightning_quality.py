@@ -32,8 +32,8 @@ def main():
     rows = []
     for name, make_config in CONTENDERS.items():
         config = make_config()
-        config.train.update(num_steps=args.steps, checkpoint_every=args.steps)
-        config.evaluate.num_prompts = 0
+        config.train.update(num_steps=args.steps, checkpoint_every=args.steps, evaluate_every=0)
+        config.evaluate.run = ("validation",)
         workdir = os.path.join(args.out, name.split()[0])
         shutil.rmtree(workdir, ignore_errors=True)
         start = time.perf_counter()

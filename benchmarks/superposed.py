@@ -30,12 +30,13 @@ import numpy as np
 
 from checkpoints.manager import Checkpoints
 from configs import lm
-from metrics.drafts import NUCLEUS
+from evaluators.superposed import NUCLEUS
 from models import registry
 from parallel import mesh as mesh_lib
 from samplers import ngram_store
 from samplers.engine import Sampler, SamplerConfig
-from samplers.superposed import SuperposedConfig, SuperposedSampler
+from samplers.plain import PlainSampling
+from samplers.superposed import Superposed, SuperposedConfig
 
 SPEEDUP_TARGET = 2.44  # the paper: at least 2.44x faster than nucleus sampling for k >= 3
 GREEDY_TARGET = 1.2  # the issue: no more than 1.2x one greedy run
@@ -44,7 +45,7 @@ GREEDY_TARGET = 1.2  # the issue: no more than 1.2x one greedy run
 def load_model(workdir: str | None):
     model_config = lm.get_config("tiny").model
     model = registry.build(model_config)
-    params = mesh_lib.strip_logical_names(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = mesh_lib.strip_logical_names(model.init(jax.random.key(0), *model.example_inputs())["params"])
     if workdir:
         checkpoints = Checkpoints(workdir)
         params = checkpoints.restore_params(jax.eval_shape(lambda: params))
@@ -130,13 +131,14 @@ def main():
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, vocab_size, (args.batch, args.prompt_tokens)).tolist()
     N = args.new_tokens
-    greedy = Sampler(model, params, None, SamplerConfig(max_new_tokens=N))
-    nucleus = Sampler(model, params, None, SamplerConfig(max_new_tokens=N, sampling=NUCLEUS))
+    engine_config = SamplerConfig(max_new_tokens=N)
+    greedy = Sampler(model, params, None, engine_config)
+    nucleus = Sampler(model, params, None, engine_config, PlainSampling(NUCLEUS))
     results = []
     for k in (int(k) for k in args.ks.split(",")):
-        spd = SuperposedSampler(model, params, None, SuperposedConfig(max_new_tokens=N, num_drafts=k), store=store)
-        spd_no_ngram = SuperposedSampler(model, params, None, SuperposedConfig(max_new_tokens=N, num_drafts=k,
-                                                                               alpha=0.0))
+        spd = Sampler(model, params, None, engine_config, Superposed(SuperposedConfig(num_drafts=k), store))
+        spd_no_ngram = Sampler(model, params, None, engine_config, Superposed(SuperposedConfig(num_drafts=k,
+                                                                                               alpha=0.0)))
         contenders = {
             "superposed_s": functools.partial(spd.generate_tokens, prompts),
             "superposed_no_ngram_s": functools.partial(spd_no_ngram.generate_tokens, prompts),
@@ -144,7 +146,7 @@ def main():
             "nucleus_batched_s": functools.partial(nucleus.generate_tokens, prompts * k),
             "greedy_s": functools.partial(greedy.generate_tokens, prompts),
         }
-        row = {"k": k, "m": spd.config.m, **median_seconds(contenders, args.repeats),
+        row = {"k": k, "m": spd.strategy.config.m, **median_seconds(contenders, args.repeats),
                "lookup": lookup_cost(store, args.batch, k, spd.config.m, args.repeats)}
         row["speedup_vs_nucleus_sequential"] = row["nucleus_sequential_s"] / row["superposed_s"]
         row["speedup_vs_nucleus_batched"] = row["nucleus_batched_s"] / row["superposed_s"]

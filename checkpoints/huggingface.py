@@ -22,6 +22,7 @@ checkpoints `max_seq_len` is capped at the window, where full and windowed atten
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -37,9 +38,8 @@ import safetensors.numpy
 import tokenizers
 from jax.sharding import SingleDeviceSharding
 
-from configs import lm
 from errors import InputError
-from models import registry
+from models import llama, registry
 from parallel import mesh as mesh_lib
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -48,7 +48,8 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "q
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # Fields that only choose how the model runs, not what the checkpoint holds.
-_RUNTIME_FIELDS = ("name", "attention", "dtype", "remat", "max_seq_len")
+RUNTIME_FIELDS = ("name", "softmax_implementation", "lightning_implementation", "lightning_decode_implementation",
+                  "lightning_block_size", "dtype", "remat", "max_seq_len")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,6 +90,12 @@ def _rope(hf: dict, file: str) -> dict:
         raise InputError(f"{file} llama3 rope scaling lacks {missing.args[0]}") from None
 
 
+def llama_defaults() -> dict:
+    """config.model of the `llama` decoder with every field at its default (the architecture fields still to set)."""
+    return dict(name="llama", **{field.name: field.default for field in dataclasses.fields(llama.Config)
+                                 if field.default is not dataclasses.MISSING})
+
+
 def model_config_from_hf(path: str) -> ml_collections.ConfigDict:
     """The `config.model` section (name "llama") that matches PATH/config.json."""
     file = os.path.join(path, "config.json")
@@ -107,7 +114,7 @@ def model_config_from_hf(path: str) -> ml_collections.ConfigDict:
         window = hf.get("sliding_window")
         if window and (architecture == "MistralForCausalLM" or hf.get("use_sliding_window", False)):
             max_seq_len = min(max_seq_len, window)  # windowed and full attention agree up to the window
-        model = ml_collections.ConfigDict(lm.get_config().model.to_dict())
+        model = ml_collections.ConfigDict(llama_defaults())
         model.update(
             name="llama", vocab_size=hf["vocab_size"], num_layers=hf["num_hidden_layers"],
             embed_dim=hf["hidden_size"], num_heads=num_heads, num_kv_heads=hf.get("num_key_value_heads") or num_heads,
@@ -276,7 +283,7 @@ def _check_matches(path: str, model_config: ml_collections.ConfigDict) -> None:
     wanted = model_config_from_hf(path)
     for key, value in wanted.items():
         scaling_only = key.startswith("rope_") and key != "rope_theta" and not wanted.rope_scaling_type
-        if key in _RUNTIME_FIELDS or scaling_only or model_config.get(key) == value:
+        if key in RUNTIME_FIELDS or scaling_only or model_config.get(key) == value:
             continue
         raise InputError(f"config.model.{key}={model_config.get(key)!r} does not match {path}/config.json, which "
                          f"implies {value!r}; set --config.model.{key}={value}")
@@ -345,38 +352,18 @@ def load_tokenizer(file: str, vocab_size: int) -> tokenizers.Tokenizer:
     return tokenizer
 
 
-def load(path: str, *, dtype: str = "float32", attention: str = "xla", mesh=None, rules=None):
+def load(path: str, *, dtype: str = "float32", softmax_implementation: str = "xla", mesh=None, rules=None):
     """(model, params, tokenizer) from a Hugging Face directory.
 
-    With a `mesh`, parameters are sharded by the logical-axis `rules` (default: configs/lm.py's table).
+    With a `mesh`, parameters are sharded by the logical-axis `rules` (default: parallel.mesh.LOGICAL_AXIS_RULES).
     """
     model_config = model_config_from_hf(path)
-    model_config.update(dtype=dtype, attention=attention)
+    model_config.update(dtype=dtype, softmax_implementation=softmax_implementation)
     model = registry.build(model_config)
     tokenizer = load_tokenizer(os.path.join(path, "tokenizer.json"), model_config.vocab_size)
-    rules = mesh_lib.axis_rules(lm.get_config()) if rules is None else tuple(map(tuple, rules))
+    rules = mesh_lib.LOGICAL_AXIS_RULES if rules is None else tuple(map(tuple, rules))
     shardings = None if mesh is None else mesh_lib.sharded_abstract_params(model, mesh, rules)[1]
     return model, load_hf_params(path, model_config, shardings), tokenizer
-
-
-def resolve_init_from(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, str]:
-    """(the config to run, the Hugging Face directory) for `config.init_from`: "" leaves the config as it is;
-    "hf:DIR" gives a copy whose model is DIR's (runtime fields kept) and whose tokenizer is DIR's, so no other
-    flag is needed."""
-    if not config.init_from:
-        return config, ""
-    path = config.init_from[3:]
-    if not config.init_from.startswith("hf:") or not os.path.isdir(path):
-        raise InputError(f"config.init_from={config.init_from!r} must be '' or 'hf:DIR' with DIR a Hugging Face "
-                         "checkpoint directory")
-    config = ml_collections.ConfigDict(config.to_dict())
-    for key, value in model_config_from_hf(path).items():
-        if key not in _RUNTIME_FIELDS:
-            config.model[key] = value
-    config.data.vocab_size = config.model.vocab_size
-    if not config.data.tokenizer_path:
-        config.data.tokenizer_path = os.path.join(path, "tokenizer.json")
-    return config, path
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,9 +25,8 @@ def get_config(preset: str = "tiny"):
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} for configs/lightning.py; choose one of {', '.join(PRESETS)}")
     config = lm.get_config("small" if preset == "small" else "tiny")
-    config.model.attention = "lightning"
-    if preset == "tiny_hybrid":
-        config.model.softmax_every = 2
+    config.model.mixer_pattern = "lightning,softmax" if preset == "tiny_hybrid" else "lightning"
     if preset == "small":
         config.model.lightning_implementation = "pallas"
+        config.model.lightning_decode_implementation = "pallas"
     return config

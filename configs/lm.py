@@ -19,7 +19,12 @@ Presets, selected as FILE:PRESET; every value is overridable, e.g. `--config.mod
 Restore order: the workdir's own latest checkpoint, else `init_from` (a Hugging Face directory), else scratch.
 """
 
+import dataclasses
+
 import ml_collections
+
+from parallel.mesh import LOGICAL_AXIS_RULES
+from samplers.superposed import SuperposedConfig
 
 PRESETS = ("tiny", "small", "gpu_1b", "pod")
 
@@ -33,7 +38,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict(dict(
         name="llama",  # a module in models/ (models.registry looks it up)
-        vocab_size=2048,
+        vocab_size=2048,  # also the size of the BPE trained on the corpus (unless a tokenizer is given)
         num_layers=4,
         embed_dim=256,
         num_heads=8,
@@ -51,10 +56,14 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         tie_embeddings=True,
         qkv_bias=False,  # Qwen2
         qk_norm=False,  # Qwen3
-        attention="xla",  # "reference" | "xla" | "cudnn" | "pallas" | "lightning" (linear attention)
+        # Architecture: the token mixer of each layer, a pattern repeated over the layers: "softmax",
+        # "lightning" (linear attention), or e.g. "lightning,softmax" (a hybrid, softmax in every 2nd layer).
+        mixer_pattern="softmax",
+        # Implementation: the kernel that runs each mixer.
+        softmax_implementation="xla",  # "reference" | "xla" | "cudnn" | "pallas" (decode steps)
         lightning_implementation="chunked",  # "chunked" | "pallas" | "reference" | "recurrent"
+        lightning_decode_implementation="jnp",  # "jnp" | "pallas"
         lightning_block_size=64,
-        softmax_every=0,  # with attention="lightning": softmax attention in every N-th layer (0 = none)
         dtype="float32",  # compute dtype; parameters and optimizer state stay float32
         remat="none",  # "none" | "full" | "dots"
     ))
@@ -68,8 +77,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         train_split="train",
         validation_split="validation",
         tfds_data_dir="",
-        tokenizer_path="",  # "" = train a byte-level BPE and save WORKDIR/tokenizer.json
-        vocab_size=2048,
+        tokenizer_path="",  # "" = train a byte-level BPE of config.model.vocab_size tokens, saved in the workdir
         tokenizer_train_bytes=20_000_000,
         seq_len=128,
         global_batch_size=16,
@@ -97,62 +105,44 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         stop_at_step=0,  # > 0: save and stop after this step, as a preemption would; rerun to resume
         peak_flops_per_device=0.0,  # 0 = look up by device kind (for the MFU estimate)
+        evaluate_every=250,  # run config.train.evaluators every N steps and at the end (0 = never)
+        evaluators=("validation",),  # from evaluators/, into the metrics stream as eval/<name>/<metric>
     ))
 
+    # evaluate.py runs the evaluators (evaluators/<name>.py) listed in `run`, each with its own section below.
     config.evaluate = ml_collections.ConfigDict(dict(
-        num_batches=16,
-        num_prompts=4,
-        prompt_chars=200,
-        max_new_tokens=64,
-        samplers=ml_collections.ConfigDict(dict(  # name -> samplers.sampling.SamplingConfig fields
-            greedy=dict(temperature=0.0),
-            nucleus=dict(temperature=0.8, top_p=0.9),
-            top_k=dict(temperature=1.0, top_k=40),
-            min_p=dict(temperature=1.0, min_p=0.1),
-        )),
+        run=("validation", "samples", "superposed"),
+        validation=dict(num_batches=16),  # loss, perplexity, bits per byte on the validation split
+        samples=dict(  # completions of code prompts from the validation split, one sampler each
+            num_prompts=4,
+            prompt_chars=200,
+            max_new_tokens=64,
+            samplers=ml_collections.ConfigDict(dict(  # name -> samplers.sampling.SamplingConfig fields
+                greedy=dict(temperature=0.0),
+                nucleus=dict(temperature=0.8, top_p=0.9),
+                top_k=dict(temperature=1.0, top_k=40),
+                min_p=dict(temperature=1.0, min_p=0.1),
+            )),
+        ),
+        # Superposed Decoding (k drafts per forward pass, scored with n-grams) against nucleus run k times and
+        # greedy. The method's settings are samplers.superposed.SuperposedConfig's fields (defaults: the
+        # reference's p15_d3_mixed.json); the rest set up the comparison. The n-gram store comes from
+        # python tools/build_ngrams.py --config=... --workdir=...
+        superposed=dict(
+            **dataclasses.asdict(SuperposedConfig()),
+            ngram_store="",  # "" = WORKDIR/ngrams.npz (the evaluator is skipped if it is missing)
+            prefix_tokens=15,
+            new_tokens=10,
+            long_new_tokens=32,
+            num_prompts=32,
+            grader="",  # "" or a Hugging Face checkpoint directory sharing the tokenizer, to score drafts' perplexity
+        ),
     ))
 
-    # Superposed Decoding (samplers/superposed.py): k drafts per forward pass, scored with n-grams; evaluate.py's
-    # "Superposed Decoding" section compares it with nucleus (run k times) and greedy. Defaults: the reference's
-    # p15_d3_mixed.json. Build the n-gram store with: python tools/build_ngrams.py --config=... --workdir=...
-    config.superposed = ml_collections.ConfigDict(dict(
-        num_drafts=3,  # k
-        num_candidates=0,  # m, candidate tokens per step; 0 = 3k
-        alpha=0.54,  # weight of the n-gram log-prob: (1 - alpha) log p_LM + alpha log p_ngram
-        temperature=0.06,
-        ngram_orders=(2, 3, 4, 5, 6),
-        ngram_weights=(0.01, 0.04, 0.15, 0.18, 0.12),  # one per order, unnormalised as in the reference
-        no_support_penalty=200.0,  # subtracted when none of a draft's candidates has n-gram support
-        ngram_store="",  # "" = WORKDIR/ngrams.npz (evaluate skips the section if it is missing)
-        prefix_tokens=15,
-        new_tokens=10,
-        long_new_tokens=32,
-        num_prompts=32,
-        grader="",  # "" or a Hugging Face checkpoint directory sharing the tokenizer, to score drafts' perplexity
-    ))
-
-    # The mesh: one size may be -1 (all remaining devices). Logical names map to mesh axes here and only here.
+    # The mesh: one size may be -1 (all remaining devices). Logical names map to mesh axes by the rules table
+    # (parallel/mesh.py, overridable here), and only there.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    config.logical_axis_rules = (
-        ("act_batch", ("data", "fsdp")),
-        ("act_len", None),
-        ("act_embed", None),
-        ("act_heads", "tensor"),
-        ("act_kv_heads", "tensor"),
-        ("act_mlp", "tensor"),
-        ("act_vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("vocab", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("kv", None),
-        ("mlp", "tensor"),
-        ("norm", None),
-        ("cache_batch", ("data", "fsdp")),
-        ("cache_heads", "tensor"),
-        ("cache_len", None),
-        ("cache_kv", None),
-    )
+    config.logical_axis_rules = LOGICAL_AXIS_RULES
 
     config.distributed = ml_collections.ConfigDict(dict(
         initialize=False,  # True on a TPU pod or any multi-process run
@@ -164,22 +154,22 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     if preset == "small":
         config.model.update(vocab_size=32768, num_layers=12, embed_dim=768, num_heads=12, num_kv_heads=4,
                             head_dim=64, mlp_dim=2048, dtype="bfloat16")
-        config.data.update(vocab_size=32768, seq_len=1024, global_batch_size=64, tokenizer_train_bytes=100_000_000)
+        config.data.update(seq_len=1024, global_batch_size=64, tokenizer_train_bytes=100_000_000)
         config.optimizer.update(learning_rate=1e-3, warmup_steps=1000)
-        config.train.update(num_steps=20_000, log_every=50, checkpoint_every=1000)
+        config.train.update(num_steps=20_000, log_every=50, checkpoint_every=1000, evaluate_every=1000)
     elif preset == "gpu_1b":
         config.model.update(vocab_size=32768, num_layers=20, embed_dim=2048, num_heads=16, num_kv_heads=8,
                             head_dim=128, mlp_dim=5632, dtype="bfloat16", remat="dots", tie_embeddings=False)
-        config.data.update(vocab_size=32768, seq_len=2048, global_batch_size=32, tokenizer_train_bytes=100_000_000)
+        config.data.update(seq_len=2048, global_batch_size=32, tokenizer_train_bytes=100_000_000)
         config.optimizer.update(learning_rate=3e-4, warmup_steps=2000)
-        config.train.update(num_steps=50_000, log_every=50, checkpoint_every=1000)
+        config.train.update(num_steps=50_000, log_every=50, checkpoint_every=1000, evaluate_every=1000)
     elif preset == "pod":
         config.model.update(vocab_size=32768, num_layers=32, embed_dim=4096, num_heads=32, num_kv_heads=8,
                             head_dim=128, mlp_dim=14336, max_seq_len=8192, rope_theta=500_000.0,
                             dtype="bfloat16", remat="full", tie_embeddings=False)
-        config.data.update(vocab_size=32768, seq_len=4096, global_batch_size=512, tokenizer_train_bytes=100_000_000)
+        config.data.update(seq_len=4096, global_batch_size=512, tokenizer_train_bytes=100_000_000)
         config.optimizer.update(learning_rate=3e-4, warmup_steps=2000)
-        config.train.update(num_steps=100_000, log_every=100, checkpoint_every=1000)
+        config.train.update(num_steps=100_000, log_every=100, checkpoint_every=1000, evaluate_every=1000)
         config.mesh.update(data=1, fsdp=-1, tensor=1)
         config.distributed.initialize = True
     return config

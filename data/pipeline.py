@@ -1,7 +1,8 @@
 """Grain input pipelines: packed, shuffled, per-host training batches; fixed eval batches; code prompts.
 
-Batches are np.int32 [local_batch, seq_len + 1]: inputs are [:, :-1], targets [:, 1:]. Documents are
-tokenized with EOS appended and concatenated, then cut into windows, so no token is padding.
+Batches are {"tokens": np.int32 [local_batch, seq_len + 1]}, the language model's batch (inputs [:, :-1],
+targets [:, 1:]). Documents are tokenized with EOS appended and concatenated, then cut into windows, so no token
+is padding.
 """
 
 import itertools
@@ -52,8 +53,8 @@ def train_iterator(data_config, tokenizer, source, *, seed, process_index, proce
     streams = [_shard_stream(data_config, tokenizer, source, seed, shard, num_shards, rows_per_shard)
                for shard in range(process_index * shards_per_host, (process_index + 1) * shards_per_host)]
     if len(streams) == 1:
-        return iter(streams[0])
-    return iter(grain.experimental.ZipIterDataset(streams).map(np.concatenate))
+        return iter(streams[0].map(_as_batch))
+    return iter(grain.experimental.ZipIterDataset(streams).map(lambda rows: _as_batch(np.concatenate(rows))))
 
 
 def _shard_stream(data_config, tokenizer, source, seed, shard, num_shards, rows) -> grain.IterDataset:
@@ -78,11 +79,15 @@ def eval_batches(data_config, tokenizer, source, *, num_batches, process_index, 
     windows = PackedWindows(documents.to_iter_dataset(_READ_OPTIONS), data_config.seq_len + 1)
     batches = windows.batch(data_config.global_batch_size, drop_remainder=True)
     rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
-    selected = [batch[rows] for batch in itertools.islice(batches, num_batches)]
+    selected = [_as_batch(batch[rows]) for batch in itertools.islice(batches, num_batches)]
     if not selected:
         raise InputError(f"config.data.global_batch_size={data_config.global_batch_size}: the validation split has "
                          f"fewer than that many windows of config.data.seq_len+1={data_config.seq_len + 1} tokens")
     return selected
+
+
+def _as_batch(tokens_BT1: np.ndarray) -> dict:
+    return {"tokens": tokens_BT1}
 
 
 def validation_prompts(data_config, source, num_prompts, prompt_chars) -> list[str]:

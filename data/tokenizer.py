@@ -17,31 +17,40 @@ _KNOWN_EOS = (EOS, "<|end_of_text|>", "</s>", "<eos>")
 _BYTE_ALPHABET = frozenset(pre_tokenizers.ByteLevel.alphabet())
 
 
-def load_or_train_tokenizer(data_config, workdir, train_source) -> tokenizers.Tokenizer:
-    """config.data.tokenizer_path if given; else WORKDIR/tokenizer.json, trained and saved on first use."""
-    if data_config.tokenizer_path:
-        tokenizer = _load(data_config.tokenizer_path, "config.data.tokenizer_path")
-    else:
-        path = pathlib.Path(workdir) / "tokenizer.json"
-        if path.exists():
-            tokenizer = _load(path, "the workdir's tokenizer (delete it to retrain)")
-        else:
-            tokenizer = train_tokenizer(data_config, train_source)
-            if jax.process_index() == 0:
-                _save_atomically(tokenizer, path)
-    if tokenizer.get_vocab_size() > data_config.vocab_size:
-        raise InputError(f"config.data.vocab_size={data_config.vocab_size} is smaller than the "
-                         f"{tokenizer.get_vocab_size()} tokens of the tokenizer; raise it")
+def load_or_train_tokenizer(data_config, workdir, train_source, vocab_size: int) -> tokenizers.Tokenizer:
+    """config.data.tokenizer_path if given; else WORKDIR/tokenizer.json, trained (vocab_size tokens: the model's
+    vocabulary) and saved on first use."""
+    tokenizer = existing_tokenizer(data_config, workdir, vocab_size)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(data_config, train_source, vocab_size)
+        if jax.process_index() == 0:
+            _save_atomically(tokenizer, pathlib.Path(workdir) / "tokenizer.json")
     return tokenizer
 
 
-def train_tokenizer(data_config, train_source) -> tokenizers.Tokenizer:
+def existing_tokenizer(data_config, workdir, vocab_size: int) -> tokenizers.Tokenizer | None:
+    """The tokenizer a run uses if it exists already (config.data.tokenizer_path, else WORKDIR/tokenizer.json),
+    checked against the model's vocabulary; None while it is still to be trained. Reads, never writes."""
+    path = pathlib.Path(workdir) / "tokenizer.json"
+    if data_config.tokenizer_path:
+        tokenizer = _load(data_config.tokenizer_path, "config.data.tokenizer_path")
+    elif path.exists():
+        tokenizer = _load(path, "the workdir's tokenizer (delete it to retrain)")
+    else:
+        return None
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise InputError(f"config.model.vocab_size={vocab_size} is smaller than the {tokenizer.get_vocab_size()} "
+                         f"tokens of the tokenizer {data_config.tokenizer_path or path}; raise it")
+    return tokenizer
+
+
+def train_tokenizer(data_config, train_source, vocab_size: int) -> tokenizers.Tokenizer:
     """Deterministic: the same source and config give the same tokenizer on every host."""
     tokenizer = tokenizers.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=data_config.vocab_size, special_tokens=[EOS], show_progress=False,
+        vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(_training_texts(data_config, train_source), trainer=trainer)
     return tokenizer

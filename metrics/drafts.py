@@ -7,8 +7,8 @@
 - diversity between a prompt's drafts: distinct-n (distinct n-grams / all n-grams, over the drafts' tokens) and
   Self-BLEU (each draft's BLEU-4 against the others, averaged; nltk's sentence_bleu with method1 smoothing).
 
-`evaluate_superposed` runs the comparison evaluate.py reports: Superposed Decoding against nucleus sampling run k
-times (temperature 0.6, top-p 0.9, the paper's baseline) and greedy decoding, on next-line prompts from held-out text.
+evaluators/superposed.py runs the comparison with them: Superposed Decoding against nucleus sampling run k times and
+greedy decoding, on next-line prompts from held-out text.
 """
 
 import collections
@@ -20,13 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints import huggingface
-from errors import InputError
-from samplers.engine import Sampler, SamplerConfig
-from samplers.sampling import SamplingConfig
-from samplers.superposed import SuperposedConfig, SuperposedSampler
+import shapes
 
-NUCLEUS = SamplingConfig(temperature=0.6, top_p=0.9)
 BLEU_EPSILON = 0.1  # nltk SmoothingFunction().method1's default
 _ROWS_PER_CALL = 64  # rows per forward when scoring perplexity; fixed so every call reuses one compilation
 _LENGTH_MULTIPLE = 32
@@ -78,8 +73,8 @@ def continuation_nll(model, params, prompts: list[list[int]], continuations: lis
     if len(prompts) != len(continuations) or not prompts or not all(continuations):
         raise ValueError("continuation_nll needs as many prompts as continuations, and no empty continuation")
     lengths = [len(p) + len(c) for p, c in zip(prompts, continuations)]
-    T = -(-max(lengths) // _LENGTH_MULTIPLE) * _LENGTH_MULTIPLE
-    rows = -(-len(prompts) // _ROWS_PER_CALL) * _ROWS_PER_CALL
+    T = shapes.round_up(max(lengths), _LENGTH_MULTIPLE)
+    rows = shapes.round_up(len(prompts), _ROWS_PER_CALL)
     tokens_RT = np.zeros((rows, T), np.int32)
     scored_RT = np.zeros((rows, T), bool)  # position t scores tokens_RT[:, t] from the logits at t - 1
     for r, (prompt, continuation) in enumerate(zip(prompts, continuations)):
@@ -148,7 +143,7 @@ def precision_at(matches: list[list[bool]], j: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The evaluation: Superposed Decoding vs nucleus run k times vs greedy.
+# One method's row of the comparison table.
 
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
@@ -172,77 +167,3 @@ def draft_table(prompts: list[dict], drafts: list[list[list[int]]], texts: list[
     row.update({f"distinct_{n}": _mean(distinct_n(d, n) for d in drafts) for n in (1, 2, 3)})
     row["self_bleu"] = _mean(self_bleu(d) for d in drafts)
     return row
-
-
-def evaluate_superposed(model, params, tokenizer, texts, spd_config, *, stop_tokens, store, grader=None, seed=0,
-                        mesh=None, rules=None) -> dict:
-    """The results["superposed"] table: for each setting (spd_config.new_tokens, spd_config.long_new_tokens), one row
-    per method (superposed, nucleus_x{k}, greedy), plus the protocol and a few example drafts.
-
-    spd_config: config.superposed; texts: held-out documents; grader: (model, params) scoring perplexity too, sharing
-    the tokenizer. Draft tokens include a stop token when they end in one; text and diversity exclude it.
-    """
-    k = spd_config.num_drafts
-    prompts = next_line_prompts(tokenizer, texts, spd_config.prefix_tokens, spd_config.new_tokens,
-                                spd_config.num_prompts, seed)
-    if not prompts:
-        raise InputError(f"no held-out text has a line break after superposed.prefix_tokens="
-                         f"{spd_config.prefix_tokens} tokens followed by a line of at most "
-                         f"superposed.new_tokens={spd_config.new_tokens} tokens")
-    prompt_tokens = [p["prompt_tokens"] for p in prompts]
-    stop = set(stop_tokens)
-    results = {"protocol": {
-        "prompts": len(prompts), "prefix_tokens": spd_config.prefix_tokens, "num_drafts": k,
-        "rule": "prompt = prefix_tokens tokens ending at a line break; P@j: a draft's first line (stripped) equals "
-                "the true next line (stripped), whose own tokens fit in new_tokens",
-        "nucleus": {"temperature": NUCLEUS.temperature, "top_p": NUCLEUS.top_p, "runs": k},
-        "superposed_order": "drafts sorted by score per token (lowest interpolated perplexity first)",
-        "nucleus_order": "run order", "grader": bool(grader)}}
-    for setting, new_tokens in (("short", spd_config.new_tokens), ("long", spd_config.long_new_tokens)):
-        superposed = SuperposedSampler(model, params, tokenizer, SuperposedConfig(
-            max_new_tokens=new_tokens, num_drafts=k, num_candidates=spd_config.num_candidates,
-            alpha=spd_config.alpha, temperature=spd_config.temperature, ngram_orders=spd_config.ngram_orders,
-            ngram_weights=spd_config.ngram_weights, no_support_penalty=spd_config.no_support_penalty,
-            stop_tokens=tuple(stop_tokens)), store=store, mesh=mesh, rules=rules)
-        output = superposed.generate_tokens(prompt_tokens)
-        methods = {"superposed": (output.tokens, output.text)}
-        nucleus = Sampler(model, params, tokenizer, SamplerConfig(max_new_tokens=new_tokens, stop_tokens=tuple(
-            stop_tokens), sampling=NUCLEUS), mesh=mesh, rules=rules)
-        runs = [nucleus.generate_tokens(prompt_tokens, seed=seed + i) for i in range(k)]
-        methods[f"nucleus_x{k}"] = ([[run.tokens[p] for run in runs] for p in range(len(prompts))],
-                                    [[run.text[p] for run in runs] for p in range(len(prompts))])
-        greedy = Sampler(model, params, tokenizer, SamplerConfig(max_new_tokens=new_tokens, stop_tokens=tuple(
-            stop_tokens)), mesh=mesh, rules=rules).generate_tokens(prompt_tokens)
-        methods["greedy"] = ([[t] for t in greedy.tokens], [[t] for t in greedy.text])
-
-        # Score every draft of every method in one batched pass per model.
-        pairs = [(m, p, d) for m, (tokens, _) in methods.items() for p in range(len(prompts))
-                 for d in range(len(tokens[p]))]
-        pair_prompts = [prompt_tokens[p] for _, p, _ in pairs]
-        pair_drafts = [methods[m][0][p][d] for m, p, d in pairs]
-        scorers = {"": (model, params)} | ({"grader_": grader} if grader else {})
-        nll = {name: continuation_nll(*scorer, pair_prompts, pair_drafts, mesh=mesh, rules=rules)
-               for name, scorer in scorers.items()}
-        table = {}
-        for method, (tokens, method_texts) in methods.items():
-            per_prompt = {name: [[] for _ in prompts] for name in scorers}
-            for (pair_method, p, _), *values in zip(pairs, *nll.values()):
-                if pair_method == method:
-                    for name, value in zip(scorers, values):
-                        per_prompt[name][p].append(value)
-            content = [[t[:-1] if t and t[-1] in stop else t for t in row] for row in tokens]
-            table[method] = draft_table(prompts, content, method_texts, k, per_prompt[""], per_prompt.get("grader_"))
-        results[setting] = {"new_tokens": new_tokens, "table": table, "examples": [
-            {"prompt": tokenizer.decode(prompt_tokens[p]), "next_line": prompts[p]["next_line"],
-             **{method: method_texts[p] for method, (_, method_texts) in methods.items()}}
-            for p in range(min(3, len(prompts)))]}
-    return results
-
-
-def load_grader(path: str, tokenizer, mesh=None, rules=None):
-    """(model, params) of a Hugging Face checkpoint directory that scores drafts; it must share `tokenizer`."""
-    grader_model, grader_params, grader_tokenizer = huggingface.load(path, mesh=mesh, rules=rules)
-    if grader_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise InputError(f"superposed.grader={path} has a different tokenizer from the evaluated model's; a grader "
-                         f"must share it to score the same tokens")
-    return grader_model, nn.meta.unbox(grader_params)

@@ -1,4 +1,4 @@
-"""Model FLOPs per token and the peak FLOP/s of the accelerator, for the MFU estimate."""
+"""The peak FLOP/s of the accelerator, for the MFU estimate (a model gives its own FLOPs per token)."""
 
 import jax
 
@@ -8,13 +8,6 @@ PEAK_BF16_FLOPS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
     "TPU v6e": 918e12,
 }
-
-
-def training_flops_per_token(num_params: int, lookup_only_params: int, num_layers: int, attention_dim: int,
-                             seq_len: int) -> float:
-    """6 N per token for the matmuls (forward + backward; an untied input embedding is a lookup, not a matmul)
-    plus causal attention's 6 * L * T * D (QK^T and AV, forward and backward, half the square)."""
-    return 6 * (num_params - lookup_only_params) + 6 * num_layers * seq_len * attention_dim
 
 
 def peak_flops_per_device(override: float = 0.0) -> float | None:

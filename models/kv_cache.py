@@ -1,44 +1,68 @@
-"""The decode cache: an explicit pytree passed into the model and returned by it, never hidden module state."""
+"""The key/value cache of a softmax attention layer: created, written and read by models/attention.py only.
+
+Keys and values are stored [batch, kv_heads, cache_len, head_dim], the layout attention reads them in, so no step
+copies the cache. A key at position s is seen by a query at position p iff s <= p; that also hides entries past a
+row's length, which is why rolling back needs no change to the arrays: the next write overwrites them.
+"""
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.decode_attention import decode_attention
+
 
 @flax.struct.dataclass
-class LayerKV:
-    """One attention layer's keys and values, [batch, kv_heads, cache_len, head_dim]."""
-
+class KVCache:
     k_BKSH: jax.Array
     v_BKSH: jax.Array
 
-    def logical_axes(self) -> "LayerKV":
-        axes = P("cache_batch", "cache_heads", "cache_len", "cache_kv")
-        return LayerKV(axes, axes)
-
-
-@flax.struct.dataclass
-class Cache:
-    """Every layer's cache plus how many positions of each sequence are filled (the next token's position)."""
-
-    layers: tuple
-    lengths_B: jax.Array
+    @classmethod
+    def init(cls, batch_size: int, num_kv_heads: int, cache_len: int, head_dim: int, dtype) -> "KVCache":
+        shape = (batch_size, num_kv_heads, cache_len, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @property
-    def max_len(self) -> int | None:
-        """Positions the key/value layers can hold; None when every layer carries a fixed-size state."""
-        lengths = [layer.k_BKSH.shape[2] for layer in self.layers if isinstance(layer, LayerKV)]
-        return min(lengths) if lengths else None
+    def capacity(self) -> int:
+        return self.k_BKSH.shape[2]
 
-    def logical_axes(self) -> "Cache":
-        return Cache(tuple(layer.logical_axes() for layer in self.layers), P("cache_batch"))
+    def logical_axes(self) -> "KVCache":
+        axes = P("cache_batch", "cache_heads", "cache_len", "cache_kv")
+        return KVCache(axes, axes)
+
+    def rollback(self, num_dropped_B: jax.Array) -> "KVCache":
+        return self  # dropped entries lie past the new lengths: invisible, and overwritten by the next write
+
+    def write(self, k_BTKH, v_BTKH, positions_BT) -> "KVCache":
+        """Each row's new keys and values at its own positions; positions past the cache are dropped."""
+        return KVCache(_write(self.k_BKSH, k_BTKH, positions_BT), _write(self.v_BKSH, v_BTKH, positions_BT))
+
+    def attend(self, q_BTNH, positions_BT, implementation: str):
+        """Attention of new queries (already written into the cache) over it. One-token steps with
+        implementation "pallas" run the flash-decoding kernel; everything else is plain einsums."""
+        if implementation == "pallas" and q_BTNH.shape[1] == 1:
+            return decode_attention(q_BTNH[:, 0], self.k_BKSH, self.v_BKSH, positions_BT[:, 0] + 1)[:, None]
+        B, T, N, H = q_BTNH.shape
+        K, S = self.k_BKSH.shape[1:3]
+        G = N // K
+        # The dots get one batch dimension, Z = (b, k), with M = (g, t) rows: XLA:CPU runs a dot with two batch
+        # dimensions as many tiny matmuls, several times slower at decode shapes. float32 operands: XLA:CPU has no
+        # bf16 x bf16 -> f32 dot, and the softmax wants float32 anyway.
+        q_ZMH = jnp.einsum("btkgh->bkgth", q_BTNH.reshape(B, T, K, G, H)).reshape(B * K, G * T, H).astype(jnp.float32)
+        k_ZSH = self.k_BKSH.reshape(B * K, S, H).astype(jnp.float32)
+        v_ZSH = self.v_BKSH.reshape(B * K, S, H).astype(jnp.float32)
+        logits_BKGTS = jnp.einsum("zmh,zsh->zms", q_ZMH, k_ZSH).reshape(B, K, G, T, S) * H**-0.5
+        visible_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
+        logits_BKGTS = jnp.where(visible_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+        probs_ZMS = jax.nn.softmax(logits_BKGTS, axis=-1).reshape(B * K, G * T, S)
+        out_ZMH = jnp.einsum("zms,zsh->zmh", probs_ZMS, v_ZSH)
+        out_BTKGH = jnp.einsum("bkgth->btkgh", out_ZMH.reshape(B, K, G, T, H))
+        return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
-def write(cache_BKSH, new_BTKH, positions_BT):
-    """Writes each sequence's new keys (or values) at its own positions; positions past the cache are dropped.
-
-    The write goes through the same [batch * kv_heads, S, H] view that attention reads the cache in. Written in
+def _write(cache_BKSH, new_BTKH, positions_BT):
+    """The write goes through the same [batch * kv_heads, S, H] view that attention reads the cache in. Written in
     the [B, K, S, H] shape, at batch 1 XLA:CPU fuses the update once into the reader's reshape and once into the
     carried cache, and copies the whole cache every decode step to keep both."""
     B, K, S, H = cache_BKSH.shape

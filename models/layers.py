@@ -22,7 +22,7 @@ class RMSNorm(nn.Module):
                            (x.shape[-1],), jnp.float32)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * scale).astype(self.dtype)
+        return (normed * scale.reshape((1,) * (x.ndim - 1) + (-1,))).astype(self.dtype)
 
 
 class SwiGLU(nn.Module):

@@ -11,24 +11,12 @@ the first layer forgets fastest and the last barely at all.
 import math
 
 import flax.linen as nn
-import flax.struct
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from models.layers import RMSNorm, dense_init
-from pallas_kernels.lightning_attention import lightning_attention, lightning_decode_step
-
-
-@flax.struct.dataclass
-class LinearState:
-    """One linear-attention layer's decayed key-value state, [batch, heads, head_dim, head_dim], float32."""
-
-    state_BHDE: jax.Array
-
-    def logical_axes(self) -> "LinearState":
-        return LinearState(P("cache_batch", "cache_heads", "cache_kv", None))
+from models.linear_state import LinearState
+from pallas_kernels.lightning_attention import lightning_attention
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -48,27 +36,27 @@ def layer_decay(num_heads: int, layer_index: int, num_layers: int) -> np.ndarray
     return np.exp(-alibi_slopes(num_heads) * depth_scale).astype(np.float32)
 
 
-def _left_align(x_BT, shift_B):
-    """Moves row b's first T - shift_B[b] entries to its end (a right-padded row becomes left-padded)."""
-    T = x_BT.shape[1]
-    source_BT = (jnp.arange(T)[None, :] - shift_B[:, None]) % T
-    return jnp.take_along_axis(x_BT, source_BT.reshape(source_BT.shape + (1,) * (x_BT.ndim - 2)), axis=1)
-
-
 class LightningMixer(nn.Module):
     num_heads: int
     head_dim: int
     decay_H: tuple  # static per-layer rates, a tuple so the module stays hashable
-    implementation: str
+    implementation: str  # the sequence kernel: pallas_kernels.lightning_attention.IMPLEMENTATIONS
+    decode_implementation: str  # the one-token step: pallas_kernels.lightning_attention.DECODE_IMPLEMENTATIONS
     block_size: int
     dtype: jnp.dtype
     norm_eps: float = 1e-5
     out_init_scale: float = 1.0
 
+    def init_cache(self, batch_size: int, cache_len: int, rollback_window: int = 0) -> LinearState:
+        del cache_len  # the state has the same size however long the sequence
+        return LinearState.init(batch_size, self.num_heads, self.head_dim, self.head_dim, self.decay_H, self.dtype,
+                                rollback_window)
+
     @nn.compact
-    def __call__(self, x_BTD, num_new_B=None, cache: LinearState | None = None):
+    def __call__(self, x_BTD, positions_BT=None, num_new_B=None, cache: LinearState | None = None):
         """Without a cache: a causal pass from an empty state. With one: the tokens continue each row's state;
-        only row b's first num_new_B[b] tokens count (right-padded prompts)."""
+        only row b's first num_new_B[b] tokens count (right-padded prompts). Positions play no part: the decays
+        order the tokens."""
         D, N, H = x_BTD.shape[-1], self.num_heads, self.head_dim
 
         def kernel(name, shape, axes, in_axis, out_axis, scale=1.0):
@@ -80,17 +68,14 @@ class LightningMixer(nn.Module):
                               kernel(f"{name}_kernel", (D, N, H), ("embed", "heads", "kv"), 0, (1, 2)))
 
         q_BTNH, k_BTNH, v_BTNH = nn.silu(project("query")), nn.silu(project("key")), project("value")
-        decay_N = jnp.asarray(self.decay_H, jnp.float32)
 
         if cache is None:
-            o_BTNH, _ = lightning_attention(q_BTNH, k_BTNH, v_BTNH, decay_N, implementation=self.implementation,
-                                            block_size=self.block_size)
-        elif x_BTD.shape[1] == 1:
-            o_BNH, state_BNHH = lightning_decode_step(q_BTNH[:, 0], k_BTNH[:, 0], v_BTNH[:, 0], decay_N,
-                                                      cache.state_BHDE)
-            o_BTNH, cache = o_BNH[:, None], LinearState(state_BNHH)
+            o_BTNH, _ = lightning_attention(q_BTNH, k_BTNH, v_BTNH, jnp.asarray(self.decay_H, jnp.float32),
+                                            implementation=self.implementation, block_size=self.block_size)
         else:
-            o_BTNH, cache = self._continue(q_BTNH, k_BTNH, v_BTNH, decay_N, num_new_B, cache)
+            o_BTNH, cache = cache.update(q_BTNH, k_BTNH, v_BTNH, num_new_B, implementation=self.implementation,
+                                         decode_implementation=self.decode_implementation,
+                                         block_size=self.block_size)
 
         T = x_BTD.shape[1]
         o_BTF = RMSNorm(self.norm_eps, self.dtype, "heads", name="attention_output_norm")(o_BTNH.reshape(-1, T, N * H))
@@ -100,23 +85,3 @@ class LightningMixer(nn.Module):
         out_BTD = jnp.einsum("btf,fd->btd", o_BTF * gate_BTF,
                              kernel("out_kernel", (N * H, D), ("heads", "embed"), 0, 1, self.out_init_scale))
         return out_BTD, cache
-
-    def _continue(self, q_BTNH, k_BTNH, v_BTNH, decay_N, num_new_B, cache):
-        """Several tokens after a state, rows of different lengths. Rows are left-aligned so every row's last
-        token ends the pass: padding (with zero keys) then adds nothing and decays nothing that matters. The
-        carried state's share, decay^(j+1) q_j S0, is added outside the kernel so the padding cannot decay it."""
-        B, T = q_BTNH.shape[:2]
-        num_new_B = jnp.full((B,), T, jnp.int32) if num_new_B is None else num_new_B
-        shift_B = T - num_new_B
-        valid_BT = jnp.arange(T)[None, :] >= shift_B[:, None]
-        q_BTNH, v_BTNH = _left_align(q_BTNH, shift_B), _left_align(v_BTNH, shift_B)
-        k_BTNH = jnp.where(valid_BT[..., None, None], _left_align(k_BTNH, shift_B), 0)
-        o_BTNH, new_state_BNHH = lightning_attention(q_BTNH, k_BTNH, v_BTNH, decay_N,
-                                                     implementation=self.implementation, block_size=self.block_size)
-        steps_BT = jnp.maximum(jnp.arange(T)[None, :] - shift_B[:, None] + 1, 0)  # tokens since the state
-        carried_BTNH = jnp.einsum("btnd,bnde->btne", q_BTNH.astype(jnp.float32), cache.state_BHDE)
-        carried_BTNH = carried_BTNH * decay_N[None, None, :, None] ** steps_BT[..., None, None]
-        o_BTNH = o_BTNH + carried_BTNH.astype(o_BTNH.dtype)
-        decayed_BNHH = decay_N[None, :, None, None] ** num_new_B[:, None, None, None] * cache.state_BHDE
-        new_state_BNHH = new_state_BNHH + decayed_BNHH
-        return _left_align(o_BTNH, -shift_B), LinearState(new_state_BNHH)

@@ -1,15 +1,18 @@
 """Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, optional tied embeddings.
 
-One module covers Llama 2/3, Mistral and Qwen2/3 (q/k/v biases, q/k norms), and with attention="lightning" the
-linear-attention decoder (TransNormerLLM token mixer, models/linear_attention.py), optionally hybrid with softmax
-attention in every `softmax_every`-th layer. Usage:
+One module covers Llama 2/3, Mistral and Qwen2/3 (q/k/v biases, q/k norms) and, by `mixer_pattern`, the
+linear-attention decoder (TransNormerLLM token mixer, models/linear_attention.py) or a hybrid of both. Which mixer a
+layer uses (architecture) and which kernel runs it (implementation) are separate fields. Usage:
 
   model = Model(Config(...))
-  params = model.init(rng, tokens_BT)["params"]
-  logits_BTV, _ = model.apply({"params": params}, tokens_BT)                          # training forward
+  params = model.init(rng, *model.example_inputs())["params"]
+  loss, metrics = model.loss(params, {"tokens": tokens_BT1}, rng)                    # training
   cache = model.init_cache(batch_size, cache_len)
   logits_BTV, cache = model.apply({"params": params}, prompt_BT, cache, prompt_lengths_B)  # prefill
   logits_B1V, cache = model.apply({"params": params}, next_B1, cache)                  # one decode step
+
+The methods example_inputs, loss, flops_per_token and init_cache are the model contract that train.py,
+evaluate.py, the decode engine and the checkpoint code rely on (models/registry.py).
 """
 
 import dataclasses
@@ -18,12 +21,25 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
-from models import kv_cache
+from errors import InputError, checks
+from models.attention import IMPLEMENTATIONS as SOFTMAX_IMPLEMENTATIONS
 from models.attention import Attention
+from models.cache import Cache
 from models.layers import RMSNorm, SwiGLU
-from models.linear_attention import LightningMixer, LinearState, layer_decay
-from models.rope import inverse_frequencies
+from models.linear_attention import LightningMixer, layer_decay
+from models.rope import Rope
+from pallas_kernels.lightning_attention import DECODE_IMPLEMENTATIONS as LIGHTNING_DECODE_IMPLEMENTATIONS
+from pallas_kernels.lightning_attention import IMPLEMENTATIONS as LIGHTNING_IMPLEMENTATIONS
+
+MIXERS = ("softmax", "lightning")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # save matmul outputs only
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,23 +62,80 @@ class Config:
     tie_embeddings: bool = True
     qkv_bias: bool = False
     qk_norm: bool = False
-    attention: str = "xla"  # models.attention.IMPLEMENTATIONS, or "lightning"
-    lightning_implementation: str = "chunked"  # pallas_kernels.lightning_attention.IMPLEMENTATIONS
+    # Architecture: the token mixer of each layer, a comma-separated pattern repeated over the layers, e.g.
+    # "softmax", "lightning", or "lightning,softmax" (softmax attention in every second layer).
+    mixer_pattern: str = "softmax"
+    # Implementation: which kernel runs each mixer.
+    softmax_implementation: str = "xla"  # models.attention.IMPLEMENTATIONS
+    lightning_implementation: str = "chunked"  # the sequence kernel: pallas_kernels.lightning_attention
+    lightning_decode_implementation: str = "jnp"  # the one-token step: "jnp" or "pallas"
     lightning_block_size: int = 64
-    softmax_every: int = 0  # with attention="lightning": every N-th layer keeps softmax attention (0 = none)
-    dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: str = "none"
 
-    def uses_softmax(self, layer_index: int) -> bool:
-        if self.attention != "lightning":
-            return True
-        return self.softmax_every > 0 and (layer_index + 1) % self.softmax_every == 0
+    def __post_init__(self):
+        for name in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                     "max_seq_len", "rope_original_max_len", "lightning_block_size"):
+            checks.integer(f"config.model.{name}", getattr(self, name), minimum=1)
+        checks.multiple("config.model.num_heads", self.num_heads, self.num_kv_heads, "config.model.num_kv_heads")
+        mixers = self.mixer_pattern.split(",") if isinstance(self.mixer_pattern, str) else [self.mixer_pattern]
+        for mixer in mixers:
+            if mixer not in MIXERS:
+                raise InputError(f"config.model.mixer_pattern={self.mixer_pattern!r}: {mixer!r} is not a mixer; a "
+                                 f"comma-separated pattern of {', '.join(MIXERS)}")
+        if "softmax" in mixers and self.head_dim % 2:
+            raise InputError(f"config.model.head_dim={self.head_dim} must be even: RoPE rotates pairs of dimensions")
+        checks.number("config.model.rope_theta", self.rope_theta, above=0)
+        checks.choice("config.model.rope_scaling_type", self.rope_scaling_type, ("", "llama3"))
+        if self.rope_scaling_type == "llama3":
+            checks.number("config.model.rope_scaling_factor", self.rope_scaling_factor, above=0)
+            checks.number("config.model.rope_low_freq_factor", self.rope_low_freq_factor, above=0)
+            checks.number("config.model.rope_high_freq_factor", self.rope_high_freq_factor,
+                          above=self.rope_low_freq_factor)
+        checks.number("config.model.norm_eps", self.norm_eps, above=0)
+        for name in ("tie_embeddings", "qkv_bias", "qk_norm"):
+            checks.choice(f"config.model.{name}", getattr(self, name), (True, False))
+        checks.choice("config.model.softmax_implementation", self.softmax_implementation, SOFTMAX_IMPLEMENTATIONS)
+        checks.choice("config.model.lightning_implementation", self.lightning_implementation,
+                      LIGHTNING_IMPLEMENTATIONS)
+        checks.choice("config.model.lightning_decode_implementation", self.lightning_decode_implementation,
+                      LIGHTNING_DECODE_IMPLEMENTATIONS)
+        if self.lightning_implementation == "pallas" and self.lightning_block_size % 8:
+            raise InputError(f"config.model.lightning_block_size={self.lightning_block_size} must be a multiple of 8 "
+                             "for lightning_implementation='pallas' (TPU sublane tiling)")
+        checks.choice("config.model.dtype", self.dtype, DTYPES)
+        checks.choice("config.model.remat", self.remat, tuple(REMAT_POLICIES))
+
+    def mixer(self, layer_index: int) -> str:
+        pattern = self.mixer_pattern.split(",")
+        return pattern[layer_index % len(pattern)]
+
+    @property
+    def rope(self) -> Rope:
+        return Rope(self.head_dim, self.rope_theta, self.rope_scaling_type, self.rope_scaling_factor,
+                    self.rope_low_freq_factor, self.rope_high_freq_factor, self.rope_original_max_len)
 
 
-REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the whole block
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # save matmul outputs only
-}
+def residual_init_scale(cfg: Config) -> float:
+    return 1.0 / (2 * cfg.num_layers)  # GPT-2: residual branches start small in deep stacks
+
+
+def make_mixer(cfg: Config, layer_index: int, parent=None) -> nn.Module:
+    """Layer `layer_index`'s token mixer; every mixer is called as mixer(x_BTD, positions_BT, num_new_B, cache)
+    and owns its cache (init_cache). parent None: a detached module whose methods need no parameters."""
+    dtype = jnp.dtype(cfg.dtype)
+    if cfg.mixer(layer_index) == "softmax":
+        return Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope, cfg.softmax_implementation, dtype,
+                         cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps, residual_init_scale(cfg), name="attention", parent=parent)
+    decay_H = tuple(layer_decay(cfg.num_heads, layer_index, cfg.num_layers).tolist())
+    return LightningMixer(cfg.num_heads, cfg.head_dim, decay_H, cfg.lightning_implementation,
+                          cfg.lightning_decode_implementation, cfg.lightning_block_size, dtype, cfg.norm_eps,
+                          residual_init_scale(cfg), name="lightning", parent=parent)
+
+
+def next_token_loss(logits_BTV, targets_BT):
+    """Mean cross-entropy in nats per token, in float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT).mean()
 
 
 class Block(nn.Module):
@@ -70,23 +143,13 @@ class Block(nn.Module):
     layer_index: int
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, num_new_B, inv_freq_F, cache):
+    def __call__(self, x_BTD, positions_BT, num_new_B, cache):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        out_init_scale = 1.0 / (2 * cfg.num_layers)  # GPT-2: residual branches start small in deep stacks
         h_BTD = RMSNorm(cfg.norm_eps, dtype, "embed", name="attention_norm")(x_BTD)
-        if cfg.uses_softmax(self.layer_index):
-            softmax_implementation = "xla" if cfg.attention == "lightning" else cfg.attention
-            h_BTD, cache = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, softmax_implementation, dtype,
-                                     cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps, out_init_scale, name="attention")(
-                h_BTD, positions_BT, inv_freq_F, cache)
-        else:
-            decay_H = tuple(layer_decay(cfg.num_heads, self.layer_index, cfg.num_layers).tolist())
-            h_BTD, cache = LightningMixer(cfg.num_heads, cfg.head_dim, decay_H, cfg.lightning_implementation,
-                                          cfg.lightning_block_size, dtype, cfg.norm_eps, out_init_scale,
-                                          name="lightning")(h_BTD, num_new_B, cache)
+        h_BTD, cache = make_mixer(cfg, self.layer_index, parent=self)(h_BTD, positions_BT, num_new_B, cache)
         x_BTD = x_BTD + h_BTD
-        h_BTD = SwiGLU(cfg.mlp_dim, dtype, out_init_scale, name="mlp")(
+        h_BTD = SwiGLU(cfg.mlp_dim, dtype, residual_init_scale(cfg), name="mlp")(
             RMSNorm(cfg.norm_eps, dtype, "embed", name="mlp_norm")(x_BTD))
         x_BTD = nn.with_logical_constraint(x_BTD + h_BTD, ("act_batch", "act_len", "act_embed"))
         return x_BTD, cache
@@ -96,7 +159,7 @@ class Model(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, tokens_BT, cache: kv_cache.Cache | None = None, num_new_B=None, token_weights_BTK=None,
+    def __call__(self, tokens_BT, cache: Cache | None = None, num_new_B=None, token_weights_BTK=None,
                  logits_at_B=None):
         """Logits for every position, and the cache with these tokens appended.
 
@@ -120,20 +183,16 @@ class Model(nn.Module):
 
         offsets_B = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths_B
         positions_BT = offsets_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-        inv_freq_F = jnp.asarray(inverse_frequencies(
-            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_type, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
-            cfg.rope_high_freq_factor, cfg.rope_original_max_len))
+        if cache is not None and num_new_B is None:
+            num_new_B = jnp.full((B,), T, jnp.int32)
 
         block_class = Block
         if cfg.remat != "none":
             block_class = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
-        if cache is not None and num_new_B is None:
-            num_new_B = jnp.full((B,), T, jnp.int32)
         new_layers = []
         for i in range(cfg.num_layers):
             layer_cache = None if cache is None else cache.layers[i]
-            x_BTD, layer_cache = block_class(cfg, i, name=f"layer_{i}")(x_BTD, positions_BT, num_new_B, inv_freq_F,
-                                                                        layer_cache)
+            x_BTD, layer_cache = block_class(cfg, i, name=f"layer_{i}")(x_BTD, positions_BT, num_new_B, layer_cache)
             new_layers.append(layer_cache)
         x_BTD = RMSNorm(cfg.norm_eps, dtype, "embed", name="final_norm")(x_BTD)
         if logits_at_B is not None:
@@ -147,18 +206,48 @@ class Model(nn.Module):
                                              nn.initializers.normal(1 / math.sqrt(cfg.embed_dim)),
                                              ("embed", "vocab")))(x_BTD)
         logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
+        return logits_BTV, None if cache is None else cache.advance(new_layers, num_new_B)
 
-        if cache is not None:
-            cache = kv_cache.Cache(tuple(new_layers), cache.lengths_B + num_new_B)
-        return logits_BTV, cache
+    # ---------------------------------------------------------------------------------------------------------
+    # The model contract (models/registry.py).
+    # ---------------------------------------------------------------------------------------------------------
 
-    def init_cache(self, batch_size: int, cache_len: int) -> kv_cache.Cache:
-        """Empty caches: keys and values for softmax layers, a fixed-size float32 state for lightning layers."""
+    def example_inputs(self, batch_size: int = 1, seq_len: int = 1) -> tuple:
+        """Arguments of `init` (and of eval_shape or lowering a forward) at the given size."""
+        return (jnp.zeros((batch_size, seq_len), jnp.int32),)
+
+    def loss(self, params, batch: dict, rng=None) -> tuple[jax.Array, dict]:
+        """Next-token cross-entropy on batch["tokens"] [B, T + 1] (inputs [:, :-1], targets [:, 1:])."""
+        del rng  # deterministic: no dropout
+        tokens_BT1 = batch["tokens"]
+        logits_BTV, _ = self.apply({"params": params}, tokens_BT1[:, :-1])
+        loss = next_token_loss(logits_BTV, tokens_BT1[:, 1:])
+        return loss, {"loss": loss}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward): 6 per matmul weight (the unembedding included,
+        the input embedding a lookup), plus the token mixing of each layer with seq_len-token sequences:
+          softmax    causal attention, half of T^2: 6 T N H
+          lightning  intra-block products of half a block of C tokens, and the state read and write:
+                     3 N (2 C H + 4 H^2)  (query and key width H, value width H)"""
         cfg = self.config
-        kv_shape = (batch_size, cfg.num_kv_heads, cache_len, cfg.head_dim)
-        state_shape = (batch_size, cfg.num_heads, cfg.head_dim, cfg.head_dim)
-        layers = tuple(
-            kv_cache.LayerKV(jnp.zeros(kv_shape, cfg.dtype), jnp.zeros(kv_shape, cfg.dtype))
-            if cfg.uses_softmax(i) else LinearState(jnp.zeros(state_shape, jnp.float32))
-            for i in range(cfg.num_layers))
-        return kv_cache.Cache(layers, jnp.zeros((batch_size,), jnp.int32))
+        N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
+        weights = D * cfg.vocab_size
+        mixing = 0
+        for i in range(cfg.num_layers):
+            weights += 3 * D * cfg.mlp_dim
+            if cfg.mixer(i) == "softmax":
+                weights += 2 * D * N * H + 2 * D * K * H  # query, out; key, value
+                mixing += 6 * seq_len * N * H
+            else:
+                weights += 4 * D * N * H + D * H + H * N * H  # query, key, value, out; the low-rank gate
+                mixing += 3 * N * (2 * cfg.lightning_block_size * H + 4 * H * H)
+        return 6 * weights + mixing
+
+    def init_cache(self, batch_size: int, cache_len: int, rollback_window: int = 0) -> Cache:
+        """Each layer's own empty cache (keys and values for softmax layers, a fixed-size state for lightning
+        ones), able to roll back the last `rollback_window` tokens written (decoding strategies that verify
+        drafts need it; models/cache.py)."""
+        layers = tuple(make_mixer(self.config, i).init_cache(batch_size, cache_len, rollback_window)
+                       for i in range(self.config.num_layers))
+        return Cache(layers, jnp.zeros((batch_size,), jnp.int32))

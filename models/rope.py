@@ -1,5 +1,6 @@
 """Rotary position embeddings, in the rotate-half layout that Llama, Mistral and Qwen checkpoints use."""
 
+import dataclasses
 import math
 
 import jax.numpy as jnp
@@ -27,9 +28,27 @@ def inverse_frequencies(head_dim: int, theta: float, scaling_type: str = "", fac
 
 def apply_rope(x_BTNH, positions_BT, inv_freq_F):
     """Rotates each head's (i, i + H/2) pairs by position * frequency; computed in float32."""
-    angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
+    angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F[None, None, :]
     cos = jnp.cos(angles_BTF)[:, :, None, :]
     sin = jnp.sin(angles_BTF)[:, :, None, :]
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x_BTNH.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """An attention layer's RoPE settings; frozen and hashable, so a Linen module can hold it as a field."""
+
+    head_dim: int
+    theta: float = 10_000.0
+    scaling_type: str = ""
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def __call__(self, x_BTNH, positions_BT):
+        inv_freq_F = inverse_frequencies(self.head_dim, self.theta, self.scaling_type, self.factor,
+                                         self.low_freq_factor, self.high_freq_factor, self.original_max_len)
+        return apply_rope(x_BTNH, positions_BT, jnp.asarray(inv_freq_F))

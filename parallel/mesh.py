@@ -4,7 +4,6 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging as absl_logging
@@ -14,21 +13,50 @@ from jax.sharding import PartitionSpec as P
 from errors import InputError
 
 AXES = ("data", "fsdp", "tensor")
+# The default table from the logical names that models annotate to the mesh axes; a config may replace it.
+LOGICAL_AXIS_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_heads", "tensor"),
+    ("cache_len", None),
+    ("cache_kv", None),
+)
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """{axis: size} of config.mesh over num_devices devices, the one -1 resolved; a mismatch is one line."""
+    sizes = [mesh_config[axis] for axis in AXES]
+    shown = ", ".join(f"{axis}={size}" for axis, size in zip(AXES, sizes))
+    if sizes.count(-1) > 1 or not all(isinstance(size, int) and (size > 0 or size == -1) for size in sizes):
+        raise InputError(f"config.mesh ({shown}): sizes must be positive integers, with at most one -1")
+    known = math.prod(size for size in sizes if size != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise InputError(f"config.mesh ({shown}): {num_devices} devices do not divide by the fixed sizes")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise InputError(f"config.mesh ({shown}): data*fsdp*tensor = {math.prod(sizes)} but {num_devices} devices "
+                         "are present")
+    return dict(zip(AXES, sizes))
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
     """A mesh over all devices (of every process); one axis size may be -1 to take what is left."""
     devices = jax.devices() if devices is None else devices
-    sizes = [mesh_config[axis] for axis in AXES]
-    if sizes.count(-1) > 1 or any(size == 0 or size < -1 for size in sizes):
-        raise InputError(f"config.mesh sizes {dict(zip(AXES, sizes))} must be positive, with at most one -1")
-    known = math.prod(size for size in sizes if size != -1)
-    if -1 in sizes:
-        if len(devices) % known:
-            raise InputError(f"config.mesh: {len(devices)} devices do not divide by the fixed sizes {sizes}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise InputError(f"config.mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices are present")
+    sizes = list(mesh_shape(mesh_config, len(devices)).values())
     # Auto axes: the compiler propagates shardings from the logical annotations (GSPMD), as MaxText does.
     return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
@@ -88,5 +116,5 @@ def sharded_abstract(init_fn, *args, mesh, rules):
 
 def sharded_abstract_params(model, mesh, rules):
     """`sharded_abstract` of a models/ module's parameters: (abstract params, their NamedShardings)."""
-    init_params = lambda rng: model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    init_params = lambda rng: model.init(rng, *model.example_inputs())["params"]
     return sharded_abstract(init_params, jax.random.key(0), mesh=mesh, rules=rules)

@@ -286,7 +286,7 @@ def ngram_counts(store: NgramStore, history_BDT: jax.Array, history_len_BD: jax.
     num_orders = len(store.orders)
     # Gather the last max_context tokens once; column j holds the (j + 1)-th most recent token.
     offsets_K = jnp.arange(1, store.orders[-1])
-    idx_BDK = jnp.clip(history_len_BD[..., None] - offsets_K, 0, T - 1)
+    idx_BDK = jnp.clip(history_len_BD[..., None] - offsets_K[None, None], 0, T - 1)
     recent_BDK = jnp.take_along_axis(history_BDT, idx_BDK, axis=-1).astype(jnp.uint32)
     state = _initial_state((B, D), jnp)
     context_hashes = []
@@ -301,7 +301,7 @@ def ngram_counts(store: NgramStore, history_BDT: jax.Array, history_len_BD: jax.
         jnp.broadcast_to(candidates_BDM.astype(jnp.uint32)[..., None, None], (B, D, M, num_orders, 1)),
     ], axis=-1)
     count_Q, context_count_Q = _lookup(store, query_BDMO3.reshape(-1, 3))
-    long_enough_BD1O = (history_len_BD[..., None] >= jnp.asarray(store.orders) - 1)[:, :, None, :]
+    long_enough_BD1O = (history_len_BD[..., None] >= jnp.asarray(store.orders)[None, None] - 1)[:, :, None, :]
     count_BDMO = jnp.where(long_enough_BD1O, count_Q.reshape(B, D, M, num_orders), 0)
     context_count_BDMO = jnp.where(long_enough_BD1O, context_count_Q.reshape(B, D, M, num_orders), 0)
     return count_BDMO, context_count_BDMO
@@ -322,7 +322,7 @@ def ngram_log_probs(store: NgramStore, history_BDT: jax.Array, history_len_BD: j
     count_BDMO, context_count_BDMO = ngram_counts(store, history_BDT, history_len_BD, candidates_BDM)
     # Unseen contexts add nothing (the reference's prob() == -1); max(., 1) only avoids 0 / 0 there.
     prob_BDMO = count_BDMO.astype(jnp.float32) / jnp.maximum(context_count_BDMO, 1).astype(jnp.float32)
-    p_BDM = jnp.sum(prob_BDMO * jnp.asarray(weights, jnp.float32), axis=-1)
+    p_BDM = jnp.sum(prob_BDMO * jnp.asarray(weights, jnp.float32)[None, None, None], axis=-1)
     supported_BDM = p_BDM > 0
     logp_BDM = jnp.where(supported_BDM, jnp.log(jnp.where(supported_BDM, p_BDM, 1.0)), -jnp.inf)
     return logp_BDM, supported_BDM

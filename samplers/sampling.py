@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from errors import InputError
+from errors import InputError, checks
 
 # -inf, as transformers uses: exp(-inf) is exactly 0, so removed tokens carry no probability mass.
 FILTERED = -jnp.inf
@@ -36,7 +36,7 @@ class SamplingConfig:
         # `not x >= 0` style comparisons also reject NaN.
         if not self.temperature >= 0 or math.isinf(self.temperature):
             raise InputError(f"sampling temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not checks.is_int(self.top_k) or self.top_k < 0:
             raise InputError(f"sampling top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"sampling top_p must be in (0, 1] (1 = off), got {self.top_p}")

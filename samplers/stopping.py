@@ -16,19 +16,27 @@ def stop_sequence_ids(tokenizer, stop_sequences: tuple[str, ...]) -> tuple[tuple
     return tuple(tuple(tokenizer.encode(text, add_special_tokens=False).ids) for text in stop_sequences)
 
 
-def is_stop(token_B: jax.Array, tokens_BN: jax.Array, step: jax.Array, stop_tokens: tuple[int, ...],
-            sequence_ids: tuple[tuple[int, ...], ...]) -> jax.Array:
-    """Whether each row's new token (already written at tokens_BN[:, step]) is a stop token or completes a stop
-    sequence's token ids."""
-    stop_B = jnp.isin(token_B, jnp.asarray(stop_tokens, jnp.int32)) if stop_tokens else jnp.zeros_like(token_B, bool)
+def is_stop_token(tokens_BC: jax.Array, stop_tokens: tuple[int, ...]) -> jax.Array:
+    """[B, C] whether each token is a stop token."""
+    if not stop_tokens:
+        return jnp.zeros(tokens_BC.shape, bool)
+    return jnp.isin(tokens_BC, jnp.asarray(stop_tokens, jnp.int32))
+
+
+def ends_stop_sequence(tokens_BN: jax.Array, position_BC: jax.Array,
+                       sequence_ids: tuple[tuple[int, ...], ...]) -> jax.Array:
+    """[B, C] whether the tokens of row b ending at position_BC[b, c] (already written into tokens_BN) are a stop
+    sequence's token ids; a chunk of several new tokens is checked at each of its positions."""
+    N = tokens_BN.shape[1]
+    stop_BC = jnp.zeros(position_BC.shape, bool)
     for ids in sequence_ids:
         length = len(ids)
-        if length == 0 or length > tokens_BN.shape[1]:
+        if length == 0 or length > N:
             continue
-        start = jnp.maximum(step + 1 - length, 0)
-        window_BL = jax.lax.dynamic_slice_in_dim(tokens_BN, start, length, axis=1)
-        stop_B |= (step + 1 >= length) & jnp.all(window_BL == jnp.asarray(ids, jnp.int32), axis=1)
-    return stop_B
+        window_BCL = position_BC[..., None] - (length - 1) + jnp.arange(length)[None, None]
+        tokens_BCL = jnp.take_along_axis(tokens_BN[:, None, :], jnp.clip(window_BCL, 0, N - 1), axis=2)
+        stop_BC |= (window_BCL[..., 0] >= 0) & jnp.all(tokens_BCL == jnp.asarray(ids, jnp.int32)[None, None], axis=-1)
+    return stop_BC
 
 
 def cut_at_stop_sequence(tokenizer, tokens: list[int], text: str,

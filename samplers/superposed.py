@@ -15,12 +15,14 @@ alpha = 0 is the reference's `smoothing=None` (LM only): no n-gram lookups and n
 Decoding is deterministic. The output merges alive and finished drafts and sorts them by score per token (the
 reference's "lowest perplexity first", ppl = exp(-score / length), the stop token counted in the length).
 
-  sampler = SuperposedSampler(model, params, tokenizer, SuperposedConfig(max_new_tokens=10, stop_tokens=(eos,)),
-                              store=ngram_store.load_ngram_store(path))
+  sampler = Sampler(model, params, tokenizer, SamplerConfig(max_new_tokens=10, stop_tokens=(eos,)),
+                    strategy=Superposed(SuperposedConfig(num_drafts=3), store=ngram_store.load_ngram_store(path)))
   output = sampler.generate(["def fib(n):\n"])
   output.text[0]  # up to k distinct drafts of the first prompt, best first; output.tokens, output.scores alike
 
-Prompt padding, buckets, parameter placement and sharding are the decode engine's (samplers/engine.py).
+It is a strategy of the decode engine (samplers/engine.py), which does the prompts, padding, prefill, sharding and
+the loop; the token budget and stop tokens are the engine's (SamplerConfig). Drafts are rewritten every step, so
+the strategy emits no tokens into the engine's buffer: its output is read from its own state.
 """
 
 import dataclasses
@@ -30,13 +32,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from errors import InputError
-from models import kv_cache
+from errors import InputError, checks
+from models.cache import Cache
 from samplers import ngram_store, stopping
-from samplers.engine import Sampler, SamplerConfig
+from samplers.strategy import Context, Emitted, Prefill, Strategy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +44,9 @@ class SuperposedConfig:
     """Superposed Decoding's settings (static under jit); defaults are the reference's `p15_d3_mixed.json`.
 
     ngram_weights pair with ngram_orders and are used as given (the reference's sum to 0.5, unnormalised).
-    prompt_buckets and cache_len are the engine's (SamplerConfig).
+    The token budget, stop tokens, buckets and cache length are the engine's (SamplerConfig).
     """
 
-    max_new_tokens: int = 10
     num_drafts: int = 3
     num_candidates: int = 0  # m, candidate tokens per step; 0 = 3 * num_drafts
     alpha: float = 0.54
@@ -55,17 +54,14 @@ class SuperposedConfig:
     ngram_orders: tuple[int, ...] = ngram_store.DEFAULT_ORDERS
     ngram_weights: tuple[float, ...] = ngram_store.REFERENCE_WEIGHTS
     no_support_penalty: float = 200.0
-    stop_tokens: tuple[int, ...] = ()
-    prompt_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
-    cache_len: int = 0
 
     def __post_init__(self):
-        for name in ("ngram_orders", "ngram_weights", "stop_tokens", "prompt_buckets"):
+        for name in ("ngram_orders", "ngram_weights"):
             object.__setattr__(self, name, tuple(getattr(self, name)))  # lists would make the config unhashable
         k, m = self.num_drafts, self.num_candidates
-        if not _is_int(k) or k < 1:
+        if not checks.is_int(k) or k < 1:
             raise InputError(f"superposed.num_drafts (k) must be an integer >= 1, got {k!r}")
-        if not _is_int(m) or (m != 0 and m < k):
+        if not checks.is_int(m) or (m != 0 and m < k):
             raise InputError(f"superposed.num_candidates (m) must be 0 (= 3k) or an integer >= num_drafts={k}, "
                              f"got {m!r}")
         if not 0 <= self.alpha <= 1:
@@ -73,7 +69,7 @@ class SuperposedConfig:
         if not self.temperature > 0 or math.isinf(self.temperature):
             raise InputError(f"superposed.temperature must be a finite number > 0, got {self.temperature}")
         orders = self.ngram_orders
-        if not orders or any(not _is_int(n) for n in orders) or list(orders) != sorted(set(orders)) or orders[0] < 2:
+        if not orders or any(not checks.is_int(n) for n in orders) or list(orders) != sorted(set(orders)) or orders[0] < 2:
             raise InputError(f"superposed.ngram_orders must be distinct increasing integers >= 2, got {orders}")
         if len(self.ngram_weights) != len(orders):
             raise InputError(f"superposed.ngram_weights has {len(self.ngram_weights)} values for "
@@ -83,17 +79,10 @@ class SuperposedConfig:
         if not 0 <= self.no_support_penalty < math.inf:
             raise InputError(
                 f"superposed.no_support_penalty must be a finite number >= 0, got {self.no_support_penalty}")
-        # The engine checks max_new_tokens, stop_tokens, prompt_buckets and cache_len, and sorts the buckets.
-        object.__setattr__(self, "prompt_buckets", self.engine_config.prompt_buckets)
 
     @property
     def m(self) -> int:
         return self.num_candidates or 3 * self.num_drafts
-
-    @property
-    def engine_config(self) -> SamplerConfig:
-        return SamplerConfig(max_new_tokens=self.max_new_tokens, cache_len=self.cache_len,
-                             prompt_buckets=self.prompt_buckets, stop_tokens=self.stop_tokens)
 
 
 @flax.struct.dataclass
@@ -107,7 +96,7 @@ class SuperposedState:
     alive_score_BD: jax.Array  # their cumulative interpolated scores
     finished_BDN: jax.Array  # the k best drafts that ended in a stop token (stop token included)
     finished_score_BD: jax.Array
-    cache: kv_cache.Cache  # one row per prompt, filled with superposed inputs after the prompt
+    cache: Cache  # one row per prompt, filled with superposed inputs after the prompt
 
 
 @dataclasses.dataclass
@@ -120,144 +109,101 @@ class SuperposedOutput:
     scores: list[list[float]]
 
 
-class SuperposedSampler:
-    """Superposed Decoding with `model` (a models/ Linen module with `init_cache`) and `params`.
+class Superposed(Strategy):
+    """Superposed Decoding as a strategy of the decode engine.
 
     store: an `ngram_store.NgramStore` holding every order of config.ngram_orders; needed when alpha > 0. It is put on
-    the device(s) once and passed to the jitted functions as an argument. mesh/rules: as the engine's.
+    the device(s) once (`prepare`) and reaches the jitted step as ctx.constants.
     """
 
-    def __init__(self, model, params, tokenizer, config: SuperposedConfig, *, store=None, mesh=None, rules=None):
-        self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.engine = Sampler(model, params, tokenizer, config.engine_config, mesh=mesh, rules=rules)
-        self.trace_count = 0
-        if config.alpha > 0:
-            if store is None:
-                raise InputError(f"superposed.alpha={config.alpha} > 0 needs an n-gram store "
-                                 f"(superposed.ngram_store); build it with: {ngram_store.BUILD_COMMAND}")
-            missing = sorted(set(config.ngram_orders) - set(store.orders))
-            if missing:
-                raise InputError(f"superposed.ngram_orders {config.ngram_orders}: the n-gram store has orders "
-                                 f"{store.orders}, not {missing}; rebuild it with: {ngram_store.BUILD_COMMAND}")
-            if store.vocab_size > model.config.vocab_size:
-                raise InputError(f"superposed.ngram_store was built for a vocabulary of {store.vocab_size} tokens, "
-                                 f"more than the model's {model.config.vocab_size}; it is from another tokenizer")
-            # Orders the store has but the config leaves out weigh 0.
-            weight_of = dict(zip(config.ngram_orders, config.ngram_weights))
-            self._weights = tuple(weight_of.get(n, 0.0) for n in store.orders)
-            replicated = None if mesh is None else NamedSharding(mesh, P())
-            self.store = jax.device_put(store, replicated)
-        else:
-            self.store = None
-        jit_kwargs = {}
-        if mesh is not None:
-            jit_kwargs["out_shardings"] = self.state_shardings()
-        self._prefill = jax.jit(self._prefill_fn, static_argnames="cache_len", **jit_kwargs)
-        self._decode = jax.jit(self._decode_fn, donate_argnames="state", **jit_kwargs)
+    tokens_per_step = 0
+    done_reason = "drafts_done"
 
-    # ---------------------------------------------------------------------------------------------------------
-    # Host side.
-    # ---------------------------------------------------------------------------------------------------------
+    def __init__(self, config: SuperposedConfig = SuperposedConfig(), store=None):
+        self.config, self.store = config, store
 
-    def generate(self, prompts: list[str]) -> SuperposedOutput:
-        """k drafts completing each prompt (tokenized without special tokens)."""
-        if self.tokenizer is None:
-            raise InputError("SuperposedSampler.generate needs a tokenizer; pass one or call generate_tokens")
-        if isinstance(prompts, str) or not all(isinstance(p, str) and p for p in prompts):
-            raise InputError("SuperposedSampler.generate: prompts must be a list of non-empty strings")
-        return self.generate_tokens([self.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts])
+    def prepare(self, sampler):
+        cfg, store = self.config, self.store
+        if cfg.alpha == 0:
+            return None
+        if store is None:
+            raise InputError(f"superposed.alpha={cfg.alpha} > 0 needs an n-gram store (superposed.ngram_store); "
+                             f"build it with: {ngram_store.BUILD_COMMAND}")
+        missing = sorted(set(cfg.ngram_orders) - set(store.orders))
+        if missing:
+            raise InputError(f"superposed.ngram_orders {cfg.ngram_orders}: the n-gram store has orders "
+                             f"{store.orders}, not {missing}; rebuild it with: {ngram_store.BUILD_COMMAND}")
+        if store.vocab_size > sampler.model.config.vocab_size:
+            raise InputError(f"superposed.ngram_store was built for a vocabulary of {store.vocab_size} tokens, more "
+                             f"than the model's {sampler.model.config.vocab_size}; it is from another tokenizer")
+        return sampler.place_replicated(store)
 
-    def generate_tokens(self, prompt_tokens: list[list[int]]) -> SuperposedOutput:
-        """k drafts completing each prompt given as token ids."""
-        return self.output(self.decode(self.prefill(prompt_tokens)), len(prompt_tokens))
+    def _weights(self, store) -> tuple[float, ...]:
+        """One weight per order of the store; orders the store has but the config leaves out weigh 0."""
+        weight_of = dict(zip(self.config.ngram_orders, self.config.ngram_weights))
+        return tuple(weight_of.get(n, 0.0) for n in store.orders)
 
-    def prefill(self, prompt_tokens: list[list[int]]) -> SuperposedState:
-        """The state after the prompts are in the cache and the first token of the drafts is chosen."""
-        prompt_BP, lengths_B, cache_len = self.engine.pad_prompts(prompt_tokens)
-        live_B = np.arange(len(lengths_B)) < len(prompt_tokens)
-        with self.engine.sharding_context():
-            return self._prefill(self.engine.params, *self.engine.put_batch(prompt_BP, lengths_B, live_B),
-                                 self.store, cache_len=cache_len)
-
-    def decode(self, state: SuperposedState) -> SuperposedState:
-        """Runs the decode loop to the end; `state` is donated."""
-        with self.engine.sharding_context():
-            return self._decode(self.engine.params, state, self.store)
-
-    def output(self, state: SuperposedState, num_prompts: int) -> SuperposedOutput:
-        """Alive and finished drafts of the first `num_prompts` prompts, merged, deduplicated and sorted."""
-        fetch = lambda x: self.engine.fetch(x)[:num_prompts]
-        tokens_BCN = np.concatenate([fetch(state.alive_BDN), fetch(state.finished_BDN)], axis=1)
-        scores_BC = np.concatenate([fetch(state.alive_score_BD), fetch(state.finished_score_BD)], axis=1)
-        stop_tokens, k = set(self.config.stop_tokens), self.config.num_drafts
-        output = SuperposedOutput([], [], [])
-        for row_tokens, row_scores in zip(tokens_BCN, scores_BC):
-            drafts = {}
-            for tokens, score in zip(row_tokens, row_scores):
-                tokens = tuple(t for t in tokens.tolist() if t != stopping.MASKED)
-                if np.isfinite(score) and tokens:
-                    drafts[tokens] = max(float(score), drafts.get(tokens, -math.inf))
-            best = sorted(drafts.items(), key=lambda item: -item[1] / len(item[0]))[:k]
-            output.tokens.append([list(tokens) for tokens, _ in best])
-            output.scores.append([score for _, score in best])
-            text_tokens = [tokens[:-1] if tokens[-1] in stop_tokens else tokens for tokens, _ in best]
-            output.text.append([self.tokenizer.decode(list(t)) if self.tokenizer is not None else ""
-                                for t in text_tokens])
-        return output
-
-    def state_shardings(self) -> SuperposedState:
-        """Batch-major arrays over the data-parallel axes, the cache by its logical axes, the step replicated."""
-        engine = self.engine.state_shardings()
-        batch = engine.tokens_BN
-        return SuperposedState(step=engine.step, prompt_BP=batch, lengths_B=batch, alive_BDN=batch,
-                               alive_score_BD=batch, finished_BDN=batch, finished_score_BD=batch, cache=engine.cache)
-
-    # ---------------------------------------------------------------------------------------------------------
-    # Device side.
-    # ---------------------------------------------------------------------------------------------------------
-
-    def _prefill_fn(self, params, prompt_BP, lengths_B, live_B, store, *, cache_len: int) -> SuperposedState:
-        """Writes the prompts into a fresh cache and chooses the drafts' first tokens from the last prompt position."""
-        self.trace_count += 1  # runs only while tracing
-        batch = prompt_BP.shape[0]
-        k, N = self.config.num_drafts, self.config.max_new_tokens
-        cache = self.model.init_cache(batch, cache_len)
-        logits_B1V, cache = self.model.apply({"params": params}, prompt_BP, cache, lengths_B,
-                                             logits_at_B=lengths_B - 1)
+    def init(self, ctx: Context, prefill: Prefill):
+        """The drafts' first tokens, chosen from the last prompt position."""
+        batch = prefill.prompt_BP.shape[0]
+        k, N = self.config.num_drafts, ctx.tokens_BN.shape[1]
         # Only draft 0 exists at first; padded batch rows start with no draft at all.
-        first_score_BD = jnp.where((jnp.arange(k) == 0)[None] & live_B[:, None], 0.0, -jnp.inf)
+        first_score_BD = jnp.where((jnp.arange(k) == 0)[None] & ctx.active_B[:, None], 0.0, -jnp.inf)
         state = SuperposedState(
             step=jnp.zeros((), jnp.int32),
-            prompt_BP=prompt_BP,
-            lengths_B=lengths_B,
+            prompt_BP=prefill.prompt_BP,
+            lengths_B=prefill.lengths_B,
             alive_BDN=jnp.full((batch, k, N), stopping.MASKED, jnp.int32),
             alive_score_BD=first_score_BD.astype(jnp.float32),
             finished_BDN=jnp.full((batch, k, N), stopping.MASKED, jnp.int32),
             finished_score_BD=jnp.full((batch, k), -jnp.inf, jnp.float32),
-            cache=cache,
+            cache=prefill.cache,
         )
-        return self._select(state, logits_B1V[:, 0], store)
+        return self._select(ctx, state, prefill.logits_BV), _nothing(batch)
 
-    def _decode_fn(self, params, state: SuperposedState, store) -> SuperposedState:
-        """Feeds each prompt's superposed input and chooses the next token of its drafts, until max_new_tokens or
-        until no prompt has an alive draft left."""
-        self.trace_count += 1
+    def step(self, ctx: Context, state: SuperposedState):
+        """Feeds each prompt's superposed input and chooses the next token of its drafts."""
+        last_BD = jax.lax.dynamic_index_in_dim(state.alive_BDN, state.step - 1, axis=2, keepdims=False)
+        # With no finite score left (a prompt whose drafts all finished) any weights do; avoid softmax's NaN.
+        scores_BD = state.alive_score_BD
+        gamma_BD = jax.nn.softmax(jnp.where(jnp.isfinite(scores_BD).any(-1, keepdims=True), scores_BD, 0.0))
+        logits_B1V, cache = ctx.forward(last_BD[:, None, :], state.cache, ctx.active_B.astype(jnp.int32),
+                                        token_weights_BTK=gamma_BD[:, None, :])
+        selected = self._select(ctx, state.replace(cache=cache), logits_B1V[:, 0])
+        # Rows that are done keep their drafts as they are.
+        keep = lambda new, old: jnp.where(ctx.active_B.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+        pools = ("alive_BDN", "alive_score_BD", "finished_BDN", "finished_score_BD")
+        return selected.replace(**{name: keep(getattr(selected, name), getattr(state, name)) for name in pools}), \
+            _nothing(state.prompt_BP.shape[0])
 
-        def cond(state):
-            return (state.step < self.config.max_new_tokens) & jnp.any(jnp.isfinite(state.alive_score_BD))
+    def is_done(self, ctx: Context, state: SuperposedState) -> jax.Array:
+        """A prompt is done when none of its drafts is alive, at the token budget, or when its cache is full."""
+        return (~jnp.isfinite(state.alive_score_BD).any(-1) | (state.step >= ctx.max_new_tokens)
+                | ~state.cache.has_room(1))
 
-        def body(state):
-            last_BD = jax.lax.dynamic_index_in_dim(state.alive_BDN, state.step - 1, axis=2, keepdims=False)
-            # With no finite score left (a prompt whose drafts all finished) any weights do; avoid softmax's NaN.
-            scores_BD = state.alive_score_BD
-            gamma_BD = jax.nn.softmax(jnp.where(jnp.isfinite(scores_BD).any(-1, keepdims=True), scores_BD, 0.0))
-            logits_B1V, cache = self.model.apply({"params": params}, last_BD[:, None, :], state.cache,
-                                                 token_weights_BTK=gamma_BD[:, None, :])
-            return self._select(state.replace(cache=cache), logits_B1V[:, 0], store)
+    def output(self, sampler, state, num_prompts: int) -> SuperposedOutput:
+        """Alive and finished drafts of the first `num_prompts` prompts, merged, deduplicated and sorted."""
+        drafts = state.strategy
+        fetch = lambda x: sampler.fetch(x)[:num_prompts]
+        tokens_BCN = np.concatenate([fetch(drafts.alive_BDN), fetch(drafts.finished_BDN)], axis=1)
+        scores_BC = np.concatenate([fetch(drafts.alive_score_BD), fetch(drafts.finished_score_BD)], axis=1)
+        stop_tokens, k = set(sampler.config.stop_tokens), self.config.num_drafts
+        output = SuperposedOutput([], [], [])
+        for row_tokens, row_scores in zip(tokens_BCN, scores_BC):
+            unique = {}
+            for tokens, score in zip(row_tokens, row_scores):
+                tokens = tuple(t for t in tokens.tolist() if t != stopping.MASKED)
+                if np.isfinite(score) and tokens:
+                    unique[tokens] = max(float(score), unique.get(tokens, -math.inf))
+            best = sorted(unique.items(), key=lambda item: -item[1] / len(item[0]))[:k]
+            output.tokens.append([list(tokens) for tokens, _ in best])
+            output.scores.append([score for _, score in best])
+            text_tokens = [tokens[:-1] if tokens[-1] in stop_tokens else tokens for tokens, _ in best]
+            output.text.append([sampler.tokenizer.decode(list(t)) if sampler.tokenizer is not None else ""
+                                for t in text_tokens])
+        return output
 
-        return jax.lax.while_loop(cond, body, state)
-
-    def _select(self, state: SuperposedState, logits_BV, store) -> SuperposedState:
+    def _select(self, ctx: Context, state: SuperposedState, logits_BV) -> SuperposedState:
         """Scores the k x m (draft, candidate) pairs, refills the alive and finished pools, and advances a step."""
         cfg = self.config
         k, M, alpha = cfg.num_drafts, cfg.m, cfg.alpha
@@ -265,10 +211,11 @@ class SuperposedSampler:
         top_BM, candidates_BM = jax.lax.top_k(jax.nn.log_softmax(logits_BV / cfg.temperature, axis=-1), M)
         lm_BM = top_BM - jax.nn.logsumexp(top_BM, axis=-1, keepdims=True)  # renormalised over the top m
         if alpha > 0:
-            history_BDW, history_len_BD = self._recent_tokens(state, store)
+            store = ctx.constants
+            history_BDW, history_len_BD = _recent_tokens(state, store)
             candidates_BDM = jnp.broadcast_to(candidates_BM[:, None], (B, k, M))
             ngram_BDM, supported_BDM = ngram_store.ngram_log_probs(store, history_BDW, history_len_BD,
-                                                                   candidates_BDM, self._weights)
+                                                                   candidates_BDM, self._weights(store))
             mixed_BDM = jnp.where(supported_BDM, (1 - alpha) * lm_BM[:, None] + alpha * ngram_BDM, -jnp.inf)
             fallback_BDM = jnp.broadcast_to((1 - alpha) * lm_BM[:, None] - cfg.no_support_penalty, (B, k, M))
             step_BDM = jnp.where(supported_BDM.any(-1, keepdims=True), mixed_BDM, fallback_BDM)
@@ -281,8 +228,7 @@ class SuperposedSampler:
         parent_BG, token_BG = flat_BG // M, jnp.take_along_axis(candidates_BM, flat_BG % M, axis=1)
         grown_BGN = jnp.take_along_axis(state.alive_BDN, parent_BG[:, :, None], axis=1)
         grown_BGN = jax.lax.dynamic_update_index_in_dim(grown_BGN, token_BG, state.step, axis=2)
-        stop_BG = (jnp.isin(token_BG, jnp.asarray(cfg.stop_tokens, jnp.int32)) if cfg.stop_tokens
-                   else jnp.zeros_like(token_BG, bool))
+        stop_BG = stopping.is_stop_token(token_BG, ctx.stop_tokens)
 
         alive_score_BD, alive_BD = jax.lax.top_k(jnp.where(stop_BG, -jnp.inf, grown_score_BG), k)
         pool_score_BC = jnp.concatenate([state.finished_score_BD, jnp.where(stop_BG, grown_score_BG, -jnp.inf)], 1)
@@ -296,23 +242,25 @@ class SuperposedSampler:
             finished_score_BD=finished_score_BD,
         )
 
-    def _recent_tokens(self, state: SuperposedState, store) -> tuple[jax.Array, jax.Array]:
-        """Each draft's last W = (largest store order - 1) tokens of prompt + new tokens, left-aligned as
-        `ngram_log_probs` reads them, and how many of the W are real (fewer only for a short history)."""
-        W = store.orders[-1] - 1
-        B, P = state.prompt_BP.shape
-        k, N = state.alive_BDN.shape[1:]
-        total_B = state.lengths_B + state.step
-        history_len_B = jnp.minimum(total_B, W)
-        position_BW = (total_B - history_len_B)[:, None] + jnp.arange(W)  # past history_len_B: never read
-        prompt_BW = jnp.take_along_axis(state.prompt_BP, jnp.clip(position_BW, 0, P - 1), axis=1)
-        new_index_BDW = jnp.broadcast_to(jnp.clip(position_BW - state.lengths_B[:, None], 0, N - 1)[:, None],
-                                         (B, k, W))
-        new_BDW = jnp.take_along_axis(state.alive_BDN, new_index_BDW, axis=2)
-        in_prompt_B1W = (position_BW < state.lengths_B[:, None])[:, None]
-        history_BDW = jnp.where(in_prompt_B1W, prompt_BW[:, None], new_BDW)
-        return history_BDW, jnp.broadcast_to(history_len_B[:, None], (B, k))
+
+def _nothing(batch: int) -> Emitted:
+    """Drafts are rewritten every step, so nothing goes into the engine's append-only token buffer."""
+    return Emitted(jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0), jnp.float32), jnp.zeros((batch,), jnp.int32))
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def _recent_tokens(state: SuperposedState, store) -> tuple[jax.Array, jax.Array]:
+    """Each draft's last W = (largest store order - 1) tokens of prompt + new tokens, left-aligned as
+    `ngram_log_probs` reads them, and how many of the W are real (fewer only for a short history)."""
+    W = store.orders[-1] - 1
+    B, P = state.prompt_BP.shape
+    k, N = state.alive_BDN.shape[1:]
+    total_B = state.lengths_B + state.step
+    history_len_B = jnp.minimum(total_B, W)
+    position_BW = (total_B - history_len_B)[:, None] + jnp.arange(W)[None]  # past history_len_B: never read
+    prompt_BW = jnp.take_along_axis(state.prompt_BP, jnp.clip(position_BW, 0, P - 1), axis=1)
+    new_index_BDW = jnp.broadcast_to(jnp.clip(position_BW - state.lengths_B[:, None], 0, N - 1)[:, None],
+                                     (B, k, W))
+    new_BDW = jnp.take_along_axis(state.alive_BDN, new_index_BDW, axis=2)
+    in_prompt_B1W = (position_BW < state.lengths_B[:, None])[:, None]
+    history_BDW = jnp.where(in_prompt_B1W, prompt_BW[:, None], new_BDW)
+    return history_BDW, jnp.broadcast_to(history_len_B[:, None], (B, k))

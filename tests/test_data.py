@@ -16,6 +16,7 @@ from errors import InputError
 from data import corpus, pipeline, text_corpus, tokenizer
 
 NUM_FILES = 16
+VOCAB = 300  # the model's vocabulary, which sizes the trained tokenizer
 MARKER = re.compile(r"marker_(\d+)_end")
 
 
@@ -23,7 +24,7 @@ def make_data_config(**overrides) -> ml_collections.ConfigDict:
     """The keys and defaults of configs/lm.py's config.data, sized down for tests."""
     config = ml_collections.ConfigDict(dict(
         corpus="stdlib", file_glob="**/*.py", max_files=0, validation_fraction=0.25, text_key="text",
-        train_split="train", validation_split="validation", tfds_data_dir="", tokenizer_path="", vocab_size=300,
+        train_split="train", validation_split="validation", tfds_data_dir="", tokenizer_path="",
         tokenizer_train_bytes=20_000_000, seq_len=32, global_batch_size=4, shuffle_seed=0, shuffle_windows=1024,
         num_shards=0,
         num_workers=0))
@@ -67,7 +68,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bpe(data_config, sources, workdir):
-    return tokenizer.load_or_train_tokenizer(data_config, workdir, sources["train"])
+    return tokenizer.load_or_train_tokenizer(data_config, workdir, sources["train"], VOCAB)
 
 
 def file_markers(batches, bpe) -> set[int]:
@@ -177,37 +178,38 @@ def test_tfds_named_corpus(tmp_path):
 def test_tokenizer_is_trained_saved_reloaded_and_round_trips(data_config, sources, workdir, bpe, tmp_path):
     assert (workdir / "tokenizer.json").exists()
     assert tokenizer.eos_id(bpe) == 0
-    reloaded = tokenizer.load_or_train_tokenizer(data_config, workdir, sources["train"])
+    reloaded = tokenizer.load_or_train_tokenizer(data_config, workdir, sources["train"], VOCAB)
     assert reloaded.to_str() == bpe.to_str()
-    retrained = tokenizer.load_or_train_tokenizer(data_config, tmp_path, sources["train"])
+    retrained = tokenizer.load_or_train_tokenizer(data_config, tmp_path, sources["train"], VOCAB)
     assert retrained.to_str() == bpe.to_str()  # Deterministic, so every host may train its own.
     text = 'def f(x):\n    return "naïve 東京 ✓" + x  # marker_3_end\n'
     ids = bpe.encode(text).ids
     assert bpe.decode(ids) == text
-    lengths = tokenizer.token_byte_lengths(bpe, data_config.vocab_size + 10)
+    lengths = tokenizer.token_byte_lengths(bpe, VOCAB + 10)
     assert lengths.dtype == np.int32 and lengths[0] == 0 and not lengths[bpe.get_vocab_size():].any()
     assert lengths[ids].sum() == len(text.encode("utf-8"))
 
 
 def test_given_tokenizer_path(data_config, sources, workdir, tmp_path):
     given = make_data_config(tokenizer_path=str(workdir / "tokenizer.json"))
-    assert tokenizer.load_or_train_tokenizer(given, tmp_path, sources["train"]).get_vocab_size() == 300
+    assert tokenizer.load_or_train_tokenizer(given, tmp_path, sources["train"], VOCAB).get_vocab_size() == 300
     assert not (tmp_path / "tokenizer.json").exists()
     (tmp_path / "broken.json").write_text("{not json")
     for path in [tmp_path / "missing.json", tmp_path / "broken.json"]:
         with pytest.raises(InputError) as excinfo:
-            tokenizer.load_or_train_tokenizer(make_data_config(tokenizer_path=str(path)), tmp_path, sources["train"])
+            tokenizer.load_or_train_tokenizer(make_data_config(tokenizer_path=str(path)), tmp_path, sources["train"],
+                                            VOCAB)
         assert_one_line_input_error(excinfo, "config.data.tokenizer_path", str(path))
-    too_small = make_data_config(tokenizer_path=str(workdir / "tokenizer.json"), vocab_size=256)
     with pytest.raises(InputError) as excinfo:
-        tokenizer.load_or_train_tokenizer(too_small, tmp_path, sources["train"])
-    assert_one_line_input_error(excinfo, "config.data.vocab_size")
+        tokenizer.load_or_train_tokenizer(given, tmp_path, sources["train"], 256)
+    assert_one_line_input_error(excinfo, "config.model.vocab_size=256", "300 tokens")
+    assert not (tmp_path / "tokenizer.json").exists()
 
 
 # Pipeline.
 
 def take(iterator, count):
-    return [next(iterator) for _ in range(count)]
+    return [next(iterator)["tokens"] for _ in range(count)]
 
 
 def make_train_iterator(data_config, bpe, sources, seed=0, process_index=0, process_count=1):
@@ -288,8 +290,9 @@ def test_restored_iterator_continues_exactly(data_config, sources, bpe, tmp_path
 
 def test_eval_batches_are_fixed_and_split_by_rows_across_hosts(data_config, sources, bpe):
     def batches(process_index, process_count):
-        return pipeline.eval_batches(data_config, bpe, sources["validation"], num_batches=2,
-                                     process_index=process_index, process_count=process_count)
+        return [batch["tokens"] for batch in pipeline.eval_batches(
+            data_config, bpe, sources["validation"], num_batches=2, process_index=process_index,
+            process_count=process_count)]
 
     whole = batches(0, 1)
     assert len(whole) == 2 and all(batch.shape == (4, 33) and batch.dtype == np.int32 for batch in whole)

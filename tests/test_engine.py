@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tokenizers
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -19,7 +20,9 @@ from models.llama import Config, Model
 from parallel import mesh as mesh_lib
 from samplers import stopping
 from samplers.engine import Sampler, SamplerConfig
+from samplers.plain import PlainSampling
 from samplers.sampling import SamplingConfig
+from samplers.strategy import Emitted, Strategy
 
 MAX_NEW = 8
 BUCKETS = (8, 16)
@@ -125,6 +128,28 @@ def test_prompts_in_the_same_bucket_do_not_retrace(greedy, reference):
     assert greedy.trace_count == count
 
 
+def test_changing_max_new_tokens_does_not_retrace(greedy, reference_greedy):
+    greedy.generate_tokens(PROMPTS)
+    count = greedy.trace_count
+    shorter = greedy.generate_tokens(PROMPTS, max_new_tokens=3)
+    assert shorter.tokens == [t[:3] for t in reference_greedy[0]]
+    assert shorter.stop_reason == ["max_new_tokens"] * len(PROMPTS)
+    assert greedy.trace_count == count
+
+
+def test_streamed_chunks_add_up_to_the_output(greedy, reference_greedy, tokenizer):
+    chunks = []
+    output = greedy.generate_tokens(PROMPTS, on_chunk=chunks.append, steps_per_chunk=3)
+    assert output.tokens == reference_greedy[0]
+    # The prefill's token, then 3 per chunk: 1 + 3 + 3 + 1 = MAX_NEW.
+    assert [len(chunk.tokens[0]) for chunk in chunks] == [1, 3, 3, 1]
+    assert [sum((chunk.tokens[b] for chunk in chunks), []) for b in range(len(PROMPTS))] == output.tokens
+    assert chunks[-1].done == [True] * len(PROMPTS) and not any(chunks[0].done)
+    streamed = list(greedy.stream(["def push(self"], steps_per_chunk=2))
+    whole = greedy.generate(["def push(self"])
+    assert sum((chunk.tokens[0] for chunk in streamed), []) == whole.tokens[0]
+
+
 def test_stop_token_ends_row_and_masks_later_tokens(model_config, params, reference_greedy):
     tokens = reference_greedy[0]
     stop = tokens[0][2] if tokens[0][2] not in tokens[0][:2] else tokens[0][1]
@@ -135,7 +160,7 @@ def test_stop_token_ends_row_and_masks_later_tokens(model_config, params, refere
     assert stop in output.tokens[0]
     # In the buffers, everything after a row's stop token is masked.
     num_tokens_B = np.asarray(state.num_tokens_B)[:, None]
-    later_BN = np.arange(MAX_NEW)[None] >= num_tokens_B
+    later_BN = np.arange(state.tokens_BN.shape[1])[None] >= num_tokens_B
     assert (np.asarray(state.tokens_BN)[later_BN] == stopping.MASKED).all()
     assert (np.asarray(state.log_probs_BN)[later_BN] == 0).all()
     assert bool(np.asarray(state.done_B)[0])
@@ -144,6 +169,60 @@ def test_stop_token_ends_row_and_masks_later_tokens(model_config, params, refere
         assert output.tokens[row] == expected[:end]
         assert len(output.log_probs[row]) == end
         assert output.stop_reason[row] == ("stop_token" if stop in expected else "max_new_tokens")
+
+
+class ChunkReplay(Strategy):
+    """Emits given tokens, row b (b % 3) + 1 of them per step: the engine's chunk handling without a model."""
+
+    tokens_per_step = 3
+
+    def __init__(self, tokens_BN):
+        self.tokens_BN = np.asarray(tokens_BN, np.int32)
+
+    def prepare(self, sampler):
+        return sampler.place_replicated(self.tokens_BN)
+
+    def init(self, ctx, prefill):
+        return prefill.cache, self._emit(ctx, jnp.zeros_like(ctx.num_tokens_B))
+
+    def step(self, ctx, cache):
+        return cache, self._emit(ctx, ctx.num_tokens_B)
+
+    def _emit(self, ctx, start_B):
+        rows_B = jnp.arange(start_B.shape[0])
+        count_B = rows_B % 3 + 1
+        index_BC = jnp.minimum(start_B[:, None] + jnp.arange(3)[None], self.tokens_BN.shape[1] - 1)
+        tokens_BC = ctx.constants[jnp.minimum(rows_B, ctx.constants.shape[0] - 1)[:, None], index_BC]
+        return Emitted(tokens_BC, jnp.zeros(tokens_BC.shape, jnp.float32), count_B)
+
+    def is_done(self, ctx, cache):
+        return jnp.zeros(cache.lengths_B.shape, bool)
+
+
+def test_stops_inside_multi_token_chunks_cut_the_row_there(model_config, params, tokenizer):
+    """Rows emit 1, 2 or 3 tokens per step at their own positions; a stop token or a stop sequence anywhere inside
+    a chunk ends the row right after it, and the budget cuts a chunk that would pass it."""
+    rows = [[7, 8, 9, 10, 11, 12, 13, 14, 15, 16]] * 2 + [[20, 21, 22, 23, 24, 25, 26, 27, 28, 29]] * 2
+    model = Model(model_config)
+
+    def run(stop_tokens=(), stop_sequences=(), max_new_tokens=8):
+        sampler = Sampler(model, params, tokenizer, SamplerConfig(max_new_tokens, prompt_buckets=BUCKETS,
+                                                                  stop_tokens=stop_tokens,
+                                                                  stop_sequences=stop_sequences), ChunkReplay(rows))
+        return sampler.generate_tokens([[1, 2]] * 4)
+
+    output = run()
+    assert output.tokens == [row[:8] for row in rows] and output.stop_reason == ["max_new_tokens"] * 4
+    output = run(stop_tokens=(11, 23))  # reached mid-chunk for rows 1 and 2 (2 and 3 tokens per step)
+    assert output.tokens == [rows[0][:5], rows[1][:5], rows[2][:4], rows[3][:4]]
+    assert output.stop_reason == ["stop_token"] * 4
+    stop_text = tokenizer.decode([9, 10])
+    output = run(stop_sequences=(stop_text,))
+    for row in range(2):
+        assert output.tokens[row] == rows[row][:4] and output.stop_reason[row] == "stop_sequence"
+        assert output.text[row] == tokenizer.decode(rows[row][:2])
+    assert output.tokens[2:] == [row[:8] for row in rows[2:]]
+    assert run(max_new_tokens=5).tokens == [row[:5] for row in rows]
 
 
 def test_stop_sequence_cuts_text(model_config, params, tokenizer, reference):
@@ -179,32 +258,32 @@ def test_full_cache_ends_row(model_config, params, reference):
 
 
 def test_seeded_sampling_on_2x4_mesh_equals_one_device(model_config, params):
-    config = SamplerConfig(max_new_tokens=MAX_NEW, prompt_buckets=BUCKETS,
-                           sampling=SamplingConfig(temperature=0.8, top_p=0.9, repetition_penalty=1.3))
+    config = SamplerConfig(max_new_tokens=MAX_NEW, prompt_buckets=BUCKETS)
+    strategy = PlainSampling(SamplingConfig(temperature=0.8, top_p=0.9, repetition_penalty=1.3))
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 1, "tensor": 4}))
     rules = lm.get_config("tiny").logical_axis_rules
-    single = Sampler(Model(model_config), params, None, config)
-    sharded = Sampler(Model(model_config), params, None, config, mesh=mesh, rules=rules)
+    single = Sampler(Model(model_config), params, None, config, strategy)
+    sharded = Sampler(Model(model_config), params, None, config, strategy, mesh=mesh, rules=rules)
     prompts = PROMPTS[:3]
     output = single.generate_tokens(prompts, seed=3)
     assert sharded.generate_tokens(prompts, seed=3).tokens == output.tokens
     assert single.generate_tokens(prompts, seed=4).tokens != output.tokens
 
     state = sharded.prefill(prompts)
-    assert state.cache.layers[0].k_BKSH.sharding.spec == P(("data", "fsdp"), "tensor", None, None)
+    k_BKSH = state.strategy.cache.layers[0].k_BKSH
+    assert k_BKSH.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), "tensor", None, None)), 4)
 
 
 def test_pallas_decode_matches_xla(model_config, params, reference_greedy):
-    pallas = Model(dataclasses.replace(model_config, attention="pallas"))
+    pallas = Model(dataclasses.replace(model_config, softmax_implementation="pallas"))
     sampler = Sampler(pallas, params, None, SamplerConfig(max_new_tokens=MAX_NEW, prompt_buckets=BUCKETS))
     assert sampler.generate_tokens(PROMPTS).tokens == reference_greedy[0]
 
 
-@pytest.mark.parametrize("softmax_every", [0, 2], ids=["lightning", "hybrid"])
-def test_lightning_decoder_decodes_through_the_engine(model_config, softmax_every):
+@pytest.mark.parametrize("mixer_pattern", ["lightning", "lightning,softmax"], ids=["lightning", "hybrid"])
+def test_lightning_decoder_decodes_through_the_engine(model_config, mixer_pattern):
     """Linear-attention layers carry a constant-size state through the engine; greedy equals the full forward."""
-    model = Model(dataclasses.replace(model_config, attention="lightning", lightning_block_size=8,
-                                      softmax_every=softmax_every))
+    model = Model(dataclasses.replace(model_config, mixer_pattern=mixer_pattern, lightning_block_size=8))
     params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     params = jax.tree.map(lambda x: 3.0 * x, params)
     sampler = Sampler(model, params, None, SamplerConfig(max_new_tokens=MAX_NEW, prompt_buckets=BUCKETS))

@@ -346,9 +346,10 @@ def test_init_from_evaluates_and_fine_tunes_an_imported_model(llama_dir, tmp_pat
     config.init_from = f"hf:{llama_dir}"
     config.data.update(max_files=40, validation_fraction=0.25, tfds_data_dir=str(tmp_path / "tfds"), seq_len=32,
                        global_batch_size=8, shuffle_windows=256)
-    config.evaluate.update(num_batches=2, num_prompts=1, max_new_tokens=4, samplers={"greedy": {}})
+    config.evaluate.update(run=("validation", "samples"), validation={"num_batches": 2})
+    config.evaluate.samples.update(num_prompts=1, max_new_tokens=4, samplers={"greedy": {}})
     config.optimizer.update(learning_rate=0.0, weight_decay=0.0)
-    config.train.update(num_steps=1, log_every=1)
+    config.train.update(num_steps=1, log_every=1, evaluate_every=0)
 
     imported = evaluate.evaluate(config, str(tmp_path / "eval_imported"))
     assert imported["checkpoint"] == config.init_from and imported["step"] is None

@@ -16,7 +16,7 @@ from models import llama
 from parallel import mesh as mesh_lib
 from samplers import ngram_store
 from samplers.engine import Sampler, SamplerConfig
-from samplers.superposed import SuperposedConfig, SuperposedSampler
+from samplers.superposed import Superposed, SuperposedConfig
 
 VOCAB = 48
 ORDERS = (2, 3, 4)
@@ -57,9 +57,18 @@ def _prompts(corpus):
     return [list(corpus[0][:7]), list(corpus[1][:3]), list(corpus[2][5:16])]
 
 
+MAX_NEW = 6
+
+
 def _config(**overrides):
-    return SuperposedConfig(**{**dict(max_new_tokens=6, num_drafts=3, alpha=0.54, temperature=0.5,
-                                      ngram_orders=ORDERS, ngram_weights=WEIGHTS), **overrides})
+    return SuperposedConfig(**{**dict(num_drafts=3, alpha=0.54, temperature=0.5, ngram_orders=ORDERS,
+                                      ngram_weights=WEIGHTS), **overrides})
+
+
+def _sampler(model, params, config, store=None, max_new_tokens=MAX_NEW, stop_tokens=(), **kwargs):
+    """Superposed Decoding as a strategy of the decode engine, which owns the budget and the stop tokens."""
+    return Sampler(model, params, None, SamplerConfig(max_new_tokens, stop_tokens=stop_tokens),
+                   Superposed(config, store), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -89,11 +98,11 @@ def _ngram_logp(tables, history, token, orders, weights):
 _REFERENCE_LEN = 32
 
 
-def _reference(forward, prompt, config, tables):
+def _reference(forward, prompt, config, tables, stop_tokens):
     k, m, alpha = config.num_drafts, config.m, config.alpha
     inputs = [([t] * k, [1.0] + [0.0] * (k - 1)) for t in prompt]
     alive, finished = [([], 0.0)], []
-    for _ in range(config.max_new_tokens):
+    for _ in range(MAX_NEW):
         # Right-padded to a fixed length, so the forward compiles once; causal attention ignores the padding.
         padded = inputs + [([0] * k, [0.0] * k)] * (_REFERENCE_LEN - len(inputs))
         logits_V = forward(jnp.array([[t for t, _ in padded]]), jnp.array([[w for _, w in padded]]))[0, len(inputs) - 1]
@@ -113,8 +122,8 @@ def _reference(forward, prompt, config, tables):
                 step_M = lm_M
             grown += [(seq + [int(v)], score + s) for v, s in zip(top_M, step_M) if np.isfinite(s)]
         grown = sorted(grown, key=lambda c: -c[1])[:2 * k]
-        finished = sorted(finished + [c for c in grown if c[0][-1] in config.stop_tokens], key=lambda c: -c[1])[:k]
-        alive = [c for c in grown if c[0][-1] not in config.stop_tokens][:k]
+        finished = sorted(finished + [c for c in grown if c[0][-1] in stop_tokens], key=lambda c: -c[1])[:k]
+        alive = [c for c in grown if c[0][-1] not in stop_tokens][:k]
         if not alive:
             break
         scores = np.array([s for _, s in alive])
@@ -130,24 +139,24 @@ def test_matches_reference_loop(model_and_params, corpus, store, stop_tokens):
     model, params = model_and_params
     if stop_tokens == "frequent":  # tokens the drafts pick often, so some drafts finish early
         stop_tokens = tuple(int(t) for t in np.bincount(np.concatenate(corpus), minlength=VOCAB).argsort()[-3:])
-    config = _config(stop_tokens=stop_tokens)
+    config = _config()
     prompts = _prompts(corpus)
-    output = SuperposedSampler(model, params, None, config, store=store).generate_tokens(prompts)
+    output = _sampler(model, params, config, store, stop_tokens=stop_tokens).generate_tokens(prompts)
     tables = _dict_ngrams(corpus, ORDERS)
     forward = jax.jit(lambda t, w: model.apply({"params": params}, t, token_weights_BTK=w)[0])
     finished_early = 0
     for prompt, tokens, scores in zip(prompts, output.tokens, output.scores):
-        want_tokens, want_scores = _reference(forward, prompt, config, tables)
+        want_tokens, want_scores = _reference(forward, prompt, config, tables, stop_tokens)
         assert tokens == want_tokens
         np.testing.assert_allclose(scores, want_scores, rtol=1e-4, atol=1e-3)
-        finished_early += sum(len(t) < config.max_new_tokens for t in tokens)
+        finished_early += sum(len(t) < MAX_NEW for t in tokens)
     assert not stop_tokens or finished_early > 0
 
 
 def test_k1_alpha0_is_greedy(model_and_params, corpus):
     model, params = model_and_params
     prompts = _prompts(corpus)
-    superposed = SuperposedSampler(model, params, None, _config(num_drafts=1, alpha=0.0, max_new_tokens=8))
+    superposed = _sampler(model, params, _config(num_drafts=1, alpha=0.0), max_new_tokens=8)
     greedy = Sampler(model, params, None, SamplerConfig(max_new_tokens=8)).generate_tokens(prompts)
     assert [drafts_[0] for drafts_ in superposed.generate_tokens(prompts).tokens] == greedy.tokens
 
@@ -167,7 +176,7 @@ def test_same_last_token_superposition_is_plain_embedding(model_and_params):
 def test_drafts_distinct_sorted_and_stop_tokens_end_them(model_and_params, corpus, store):
     model, params = model_and_params
     stop = tuple(int(t) for t in np.bincount(np.concatenate(corpus), minlength=VOCAB).argsort()[-3:])
-    sampler = SuperposedSampler(model, params, None, _config(num_drafts=4, stop_tokens=stop), store=store)
+    sampler = _sampler(model, params, _config(num_drafts=4), store, stop_tokens=stop)
     output = sampler.generate_tokens(_prompts(corpus))
     for tokens, scores in zip(output.tokens, output.scores):
         assert len(tokens) == 4 and len({tuple(t) for t in tokens}) == 4
@@ -175,7 +184,7 @@ def test_drafts_distinct_sorted_and_stop_tokens_end_them(model_and_params, corpu
         assert per_token == sorted(per_token, reverse=True)
         for t in tokens:
             assert not set(t[:-1]) & set(stop)  # a stop token only ever ends a draft
-            assert len(t) == 6 or t[-1] in stop
+            assert len(t) == MAX_NEW or t[-1] in stop
     # Static k and m: a second batch in the same bucket reuses both compilations.
     sampler.generate_tokens(_prompts(corpus)[::-1])
     assert sampler.trace_count == 2
@@ -187,8 +196,8 @@ def test_sharded_matches_unsharded(model_and_params, corpus, store):
     mesh = mesh_lib.make_mesh_for_present_devices(config.mesh)
     rules = mesh_lib.axis_rules(config)
     prompts = _prompts(corpus)
-    sharded = SuperposedSampler(model, params, None, _config(), store=store, mesh=mesh, rules=rules)
-    plain = SuperposedSampler(model, params, None, _config(), store=store)
+    sharded = _sampler(model, params, _config(), store, mesh=mesh, rules=rules)
+    plain = _sampler(model, params, _config(), store)
     assert sharded.generate_tokens(prompts).tokens == plain.generate_tokens(prompts).tokens
 
 
@@ -211,12 +220,12 @@ def test_bad_config(overrides, setting):
 def test_missing_store(model_and_params, tmp_path, store):
     model, params = model_and_params
     with pytest.raises(InputError, match="build_ngrams.py") as error:
-        SuperposedSampler(model, params, None, _config())
+        _sampler(model, params, _config())
     assert "\n" not in str(error.value)
     with pytest.raises(InputError, match="build_ngrams.py"):
         ngram_store.load_ngram_store(str(tmp_path / "ngrams.npz"))
     with pytest.raises(InputError, match="superposed.ngram_orders"):
-        SuperposedSampler(model, params, None, _config(ngram_orders=(2, 5), ngram_weights=(0.1, 0.1)), store=store)
+        _sampler(model, params, _config(ngram_orders=(2, 5), ngram_weights=(0.1, 0.1)), store)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from checkpoints import init_from
 from configs import cli
 from data import corpus, tokenizer as tokenizer_lib
 from samplers import ngram_store
@@ -18,8 +19,9 @@ _ENCODE_BATCH = 1024  # documents per encode_batch call (tokenized in parallel o
 
 
 def build(config, workdir: str) -> dict:
+    config, _ = init_from.resolve(config)  # an imported model brings its tokenizer
     source = corpus.load_corpus(config.data)["train"]
-    tokenizer = tokenizer_lib.load_or_train_tokenizer(config.data, workdir, source)
+    tokenizer = tokenizer_lib.load_or_train_tokenizer(config.data, workdir, source, config.model.vocab_size)
     eos = tokenizer_lib.eos_id(tokenizer)
 
     def documents():

@@ -1,0 +1,100 @@
+"""The strategy contract (samplers/strategy.py), checked for every decoding strategy in samplers/ on one hybrid
+model (softmax and lightning layers): it runs through the engine, reuses its compilations, gives the same tokens
+sharded, leaves done rows' caches alone, and keeps its state batch-major."""
+
+import importlib
+import inspect
+import pkgutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import samplers
+from models.cache import Cache
+from models.llama import Config, Model
+from parallel import mesh as mesh_lib
+from samplers import ngram_store, stopping
+from samplers.engine import Sampler, SamplerConfig
+from samplers.plain import PlainSampling
+from samplers.sampling import SamplingConfig
+from samplers.strategy import Strategy
+from samplers.superposed import Superposed, SuperposedConfig
+
+VOCAB = 64
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [40]]
+OTHER_PROMPTS = [[3, 1, 4, 1, 5, 9, 2], [6, 5], [3, 5, 8]]
+
+
+def _store():
+    rng = np.random.default_rng(0)
+    return ngram_store.build_ngram_store([rng.integers(0, VOCAB, 50) for _ in range(30)], (2, 3), vocab_size=VOCAB)
+
+
+# Every strategy class of samplers/ and how to make one; a new strategy must be added here to be checked.
+STRATEGIES = {
+    "PlainSampling": lambda: PlainSampling(SamplingConfig(temperature=0.9, top_k=20, repetition_penalty=1.2)),
+    "Superposed": lambda: Superposed(SuperposedConfig(num_drafts=2, ngram_orders=(2, 3), ngram_weights=(0.1, 0.2)),
+                                     _store()),
+}
+
+
+def _strategy_classes() -> set[str]:
+    names = set()
+    for info in pkgutil.iter_modules(samplers.__path__):
+        module = importlib.import_module(f"samplers.{info.name}")
+        names |= {name for name, cls in inspect.getmembers(module, inspect.isclass)
+                  if issubclass(cls, Strategy) and cls is not Strategy and cls.__module__ == module.__name__}
+    return names
+
+
+def test_every_strategy_is_checked():
+    assert _strategy_classes() == set(STRATEGIES)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = Model(Config(vocab_size=VOCAB, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                         mlp_dim=64, max_seq_len=256, mixer_pattern="lightning,softmax", lightning_block_size=8))
+    params = nn.meta.unbox(model.init(jax.random.key(0), *model.example_inputs())["params"])
+    return model, jax.tree.map(lambda x: 3.0 * x, params)
+
+
+def _caches(tree) -> list[Cache]:
+    return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Cache)) if isinstance(x, Cache)]
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_strategy_contract(model_and_params, name):
+    model, params = model_and_params
+    config = SamplerConfig(max_new_tokens=6, prompt_buckets=(8,), stop_tokens=(3,))
+    sampler = Sampler(model, params, None, config, STRATEGIES[name]())
+
+    state = sampler.decode(sampler.prefill(PROMPTS, seed=1))
+    output = sampler.output(state, len(PROMPTS))
+    assert len(output.tokens) == len(PROMPTS)
+    assert np.asarray(state.done_B).all()
+    num_tokens_B = np.asarray(state.num_tokens_B)
+    tokens_BN = np.asarray(state.tokens_BN)
+    assert (num_tokens_B <= 6).all()
+    assert (tokens_BN[np.arange(tokens_BN.shape[1])[None] >= num_tokens_B[:, None]] == stopping.MASKED).all()
+
+    # The padded row (index 3: a one-token prompt, done from the start) was never advanced by any step.
+    caches = _caches(state.strategy)
+    assert caches and all(int(cache.lengths_B[3]) == 1 for cache in caches)
+    # Batch-major: every array but scalars and caches has the batch first.
+    others = jax.tree.leaves(jax.tree.map(lambda x: None if isinstance(x, Cache) else x, state.strategy,
+                                          is_leaf=lambda x: isinstance(x, Cache)))
+    assert all(x.ndim == 0 or x.shape[0] == 4 for x in others)
+
+    # Same bucket and batch, another budget: no new compilation, and the same result for the same input.
+    count = sampler.trace_count
+    sampler.generate_tokens(OTHER_PROMPTS, seed=2, max_new_tokens=4)
+    assert sampler.generate_tokens(PROMPTS, seed=1) == output and sampler.trace_count == count
+
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 1, "tensor": 2}), jax.devices()[:4])
+    sharded = Sampler(model, params, None, config, STRATEGIES[name](), mesh=mesh, rules=mesh_lib.LOGICAL_AXIS_RULES)
+    assert sharded.generate_tokens(PROMPTS, seed=1).tokens == output.tokens
