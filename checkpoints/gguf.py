@@ -27,6 +27,7 @@ llama.cpp's converter writes in its place.
 import dataclasses
 import os
 import re
+import uuid
 
 import jax
 import ml_collections
@@ -70,9 +71,9 @@ def _open(path: str) -> _File:
         raise InputError(f"{path} is not a GGUF file: it starts with {head!r}, not {_MAGIC!r}")
     try:
         reader = GGUFReader(path)
-    except (ValueError, IndexError) as error:  # gguf-py's error for a cut-off header, tensor table or data
-        raise InputError(f"{path} ({os.path.getsize(path)} bytes) is truncated or corrupt: gguf-py cannot read "
-                         f"it ({' '.join(str(error).split())})") from None
+    except (ValueError, IndexError) as error:  # gguf-py's errors for a cut-off header, tensor table or data
+        raise InputError(f"{path} ({os.path.getsize(path)} bytes) is truncated, corrupt or newer than gguf-py "
+                         f"reads: {' '.join(str(error).split())}") from None
     short = [t.name for t in reader.tensors if t.data.nbytes != t.n_bytes]
     if short:
         raise InputError(f"{path} ({os.path.getsize(path)} bytes) is truncated: tensor {short[0]} (and "
@@ -292,6 +293,15 @@ def tokenizer(path: str) -> tokenizers.Tokenizer:
     return gguf_tokenizer.from_metadata(_open(path).metadata, path)
 
 
+def _tokenizer(file: _File, vocab_size: int) -> tokenizers.Tokenizer:
+    """The tokenizer, which may not have more tokens than the model has embeddings."""
+    tokenizer = gguf_tokenizer.from_metadata(file.metadata, file.path)
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise InputError(f"{file.path} has {tokenizer.get_vocab_size()} tokens but an embedding of {vocab_size} "
+                         "rows; the tokenizer does not belong to these weights")
+    return tokenizer
+
+
 def load(path: str, *, dtype: str = "float32", attention: str = "xla", mesh=None, rules=None):
     """(model, params, tokenizer) from a GGUF file, read once.
 
@@ -301,7 +311,7 @@ def load(path: str, *, dtype: str = "float32", attention: str = "xla", mesh=None
     model_config = _model_config(_config_fields(file))
     model_config.update(dtype=dtype, attention=attention)
     model = registry.build(model_config)
-    tokenizer = gguf_tokenizer.from_metadata(file.metadata, path)  # before reading any tensor data
+    tokenizer = _tokenizer(file, model_config.vocab_size)  # before reading any tensor data
     rules = mesh_lib.axis_rules(lm.get_config()) if rules is None else tuple(map(tuple, rules))
     shardings = None if mesh is None else mesh_lib.sharded_abstract_params(model, mesh, rules)[1]
     return model, _load_params(file, model_config, shardings), tokenizer
@@ -317,15 +327,19 @@ def prepare_run(path: str, workdir: str) -> tuple[dict, str]:
     """
     file = _open(path)
     fields = _config_fields(file)
-    rebuilt = gguf_tokenizer.from_metadata(file.metadata, path)
+    rebuilt = _tokenizer(file, fields["vocab_size"])
     tokenizer_file = os.path.join(workdir, "tokenizer.json")
     if os.path.exists(tokenizer_file):
-        if tokenizers.Tokenizer.from_file(tokenizer_file).to_str() != rebuilt.to_str():
+        try:
+            same = tokenizers.Tokenizer.from_file(tokenizer_file).to_str() == rebuilt.to_str()
+        except Exception:  # the Rust side raises a bare Exception for a malformed file
+            same = False
+        if not same:
             raise InputError(f"{tokenizer_file} is not the tokenizer of {path}; use a fresh --workdir for "
                              f"--config.init_from=gguf:{path}")
         return fields, tokenizer_file
     os.makedirs(workdir, exist_ok=True)
-    tmp = f"{tokenizer_file}.tmp{os.getpid()}"
+    tmp = f"{tokenizer_file}.{uuid.uuid4().hex}.tmp"  # unique across hosts, which may share process ids
     rebuilt.save(tmp)
     os.replace(tmp, tokenizer_file)
     return fields, tokenizer_file

@@ -366,8 +366,11 @@ def iq4_nl_up(metadata, tensors):
                                                 r"layer_1/mlp/up/kernel\)"),
     (lambda m, t: t.update({"blk.0.attn_output.bias": (np.zeros(256, np.float32), GGMLQuantizationType.F32)}),
      r"tensor blk.0.attn_output.bias \(and 0 more\) has no place in the decoder"),
+    (lambda m, t: m.update({"tokenizer.ggml.tokens": m["tokenizer.ggml.tokens"] + [f"<x{i}>" for i in range(21)],
+                            "tokenizer.ggml.token_type": m["tokenizer.ggml.token_type"] + [4] * 21}),
+     r"has 321 tokens but an embedding of 320 rows"),
 ], ids=["architecture", "quant_type", "tokenizer_model", "pre_tokenizer", "experts", "rope_scaling", "shape",
-        "missing_tensor", "extra_tensor"])
+        "missing_tensor", "extra_tensor", "too_many_tokens"])
 def test_bad_file_contents(break_it, message, hf_model, smollm_tokenizer, tmp_path):
     metadata, tensors = contents(hf_model, smollm_tokenizer)
     break_it(metadata, tensors)
@@ -380,7 +383,7 @@ def test_truncated_missing_and_foreign_files(hf_model, smollm_tokenizer, tmp_pat
         data = f.read()
     for cut in (len(data) // 2, 100):  # inside the tensor data; inside the metadata
         (tmp_path / "cut.gguf").write_bytes(data[:cut])
-        assert_one_line_error(str(tmp_path / "cut.gguf"), rf"cut.gguf \({cut} bytes\) is truncated")
+        assert_one_line_error(str(tmp_path / "cut.gguf"), rf"cut.gguf \({cut} bytes\) is truncated, corrupt or newer")
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     assert_one_line_error(str(tmp_path / "model.safetensors"),
                           r"model.safetensors is not a GGUF file: it starts with b'\\x08\\x00\\x00\\x00', not b'GGUF'")
