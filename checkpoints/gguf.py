@@ -71,13 +71,9 @@ def _open(path: str) -> _File:
         raise InputError(f"{path} is not a GGUF file: it starts with {head!r}, not {_MAGIC!r}")
     try:
         reader = GGUFReader(path)
-    except (ValueError, IndexError) as error:  # gguf-py's errors for a cut-off header, tensor table or data
+    except (ValueError, IndexError) as error:  # gguf-py's for a header, tensor table or tensor cut short
         raise InputError(f"{path} ({os.path.getsize(path)} bytes) is truncated, corrupt or newer than gguf-py "
                          f"reads: {' '.join(str(error).split())}") from None
-    short = [t.name for t in reader.tensors if t.data.nbytes != t.n_bytes]
-    if short:
-        raise InputError(f"{path} ({os.path.getsize(path)} bytes) is truncated: tensor {short[0]} (and "
-                         f"{len(short) - 1} more) ends past the end of the file")
     metadata = {key: field.contents() for key, field in reader.fields.items()}
     return _File(path, metadata, {t.name: t for t in reader.tensors})
 

@@ -12,7 +12,8 @@ byte). transformers' GGUF loader gives 2.9467 on the same batches (2.94666 vs 2.
 the largest logit difference on the first batch is 1.9e-4 (logits up to 45). Measured on 2 shared CPU cores by
     python benchmarks/gguf_validation.py --config=configs/smollm2.py
 in 6 minutes: 124 s for decodelab (reading the file, building the corpus, compiling, 16 batches), 217 s for
-transformers.
+transformers. evaluate.py reports the same 2.9467, and with its completions (4 prompts, 4 samplers, 64 tokens)
+takes 4.3 minutes.
 """
 
 import importlib.util

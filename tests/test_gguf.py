@@ -381,7 +381,7 @@ def test_truncated_missing_and_foreign_files(hf_model, smollm_tokenizer, tmp_pat
     path = write_gguf(tmp_path / "llama.gguf", *contents(hf_model, smollm_tokenizer))
     with open(path, "rb") as f:
         data = f.read()
-    for cut in (len(data) // 2, 100):  # inside the tensor data; inside the metadata
+    for cut in (len(data) - 4, len(data) // 2, 100):  # inside the last tensor, the tensor data, the metadata
         (tmp_path / "cut.gguf").write_bytes(data[:cut])
         assert_one_line_error(str(tmp_path / "cut.gguf"), rf"cut.gguf \({cut} bytes\) is truncated, corrupt or newer")
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
