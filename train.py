@@ -62,8 +62,8 @@ def make_train_step(model, optimizer, schedule, seed: int):
         (loss, metrics), grads = jax.value_and_grad(model.loss, has_aux=True)(state["params"], batch, rng)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
-                   "param_norm": optax.global_norm(params), "learning_rate": schedule(state["step"])}
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
+                   "learning_rate": schedule(state["step"])}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return train_step

@@ -2,10 +2,10 @@
 
   python benchmarks/gguf_validation.py --config=configs/smollm2.py --out=benchmarks/results/gguf_validation
 
-The batches are evaluate.py's (config.data.seq_len, global_batch_size and evaluate.num_batches windows of the
-validation split), tokenized with the file's own tokenizer as decodelab rebuilds it. decodelab's numbers are
-evaluate.validation_metrics of the model gguf.load builds; transformers' are the mean cross-entropy of its model on
-the same int32 batches. Writes OUT/gguf_validation.json, with the largest logit difference on the first batch.
+The batches are evaluate.py's (config.data.seq_len, global_batch_size and evaluate.validation.num_batches windows of
+the validation split), tokenized with the file's own tokenizer as decodelab rebuilds it. decodelab's numbers are the
+validation evaluator's (evaluators/validation.py) on the model gguf.load builds; transformers' are the mean
+cross-entropy of its model on the same int32 batches. Writes OUT/gguf_validation.json, with the largest logit difference on the first batch.
 """
 
 import argparse
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import transformers
 
-import evaluate
+import evaluators
 from checkpoints import gguf
-from data import corpus, pipeline, tokenizer as tokenizer_lib
+from data import corpus
 from parallel import mesh as mesh_lib
 
 
@@ -49,12 +49,12 @@ def measure(config) -> dict:
     rules = mesh_lib.axis_rules(config)
     start = time.perf_counter()
     model, params, tokenizer = gguf.load(path, mesh=mesh, rules=rules)
-    sources = corpus.load_corpus(config.data)
-    batches = pipeline.eval_batches(config.data, tokenizer, sources["validation"],
-                                    num_batches=config.evaluate.num_batches, process_index=0, process_count=1)
-    token_bytes_V = tokenizer_lib.token_byte_lengths(tokenizer, model.config.vocab_size)
-    ours = evaluate.validation_metrics(model, params, batches, token_bytes_V, mesh, rules)
+    config.model.update(gguf.model_config_fields(path))
+    context = evaluators.Context(config, "", model, tokenizer, corpus.load_corpus(config.data), mesh, rules)
+    validation = evaluators.build("validation", context)
+    ours = validation.run(params)
     ours_seconds = time.perf_counter() - start
+    batches = [batch["tokens"] for batch in validation.batches]
     ours_first_BTV = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x)[0])(params, batches[0][:, :-1]))
 
     start = time.perf_counter()

@@ -13,8 +13,8 @@ on the mesh, the tokenizer rebuilt from the metadata (checkpoints/gguf_tokenizer
   params = gguf.load_params(path, config.model, shardings)
   tokenizer = gguf.tokenizer(path)
 
-  # --config.init_from=gguf:PATH: the model fields and WORKDIR/tokenizer.json, written from the file's metadata.
-  fields, tokenizer_file = gguf.prepare_run(path, workdir)
+  # --config.init_from=gguf:PATH (checkpoints/init_from.py) takes model_config_fields and load_params, and the
+  # run keeps the rebuilt tokenizer as WORKDIR/tokenizer.json (data/tokenizer.py).
 
 Supported: the `llama` architecture (Llama 2/3, SmolLM, Mistral converted as llama) with tensors in the
 QUANT_TYPES below, dequantized by gguf-py's numpy kernels. Its tensors are the Hugging Face tensors of the same
@@ -27,7 +27,6 @@ llama.cpp's converter writes in its place.
 import dataclasses
 import os
 import re
-import uuid
 
 import jax
 import ml_collections
@@ -37,7 +36,8 @@ from gguf import GGMLQuantizationType, GGUFReader, quants
 from jax.sharding import SingleDeviceSharding
 
 from checkpoints import gguf_tokenizer, huggingface
-from configs import lm
+from checkpoints.huggingface import layout as hf_layout
+from checkpoints.huggingface.config import llama_defaults
 from errors import InputError
 from models import registry
 from models.rope import inverse_frequencies
@@ -155,8 +155,8 @@ def model_config_fields(path: str) -> dict:
 
 
 def _model_config(fields: dict) -> ml_collections.ConfigDict:
-    model_config = ml_collections.ConfigDict(lm.get_config().model.to_dict())
-    model_config.update(name="llama", **fields)
+    model_config = ml_collections.ConfigDict(llama_defaults())
+    model_config.update(fields)
     return model_config
 
 
@@ -224,7 +224,7 @@ def _plan(file: _File, abstract, model_config) -> dict:
     plan = {}
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         key = jax.tree_util.keystr(key_path, simple=True, separator="/")
-        hf_name, layout = huggingface._hf_name(key)
+        hf_name, layout = hf_layout.hf_name(key)
         name = _gguf_name(hf_name)
         if name not in file.tensors:
             raise InputError(f"{file.path} has no tensor {name} (decodelab parameter {key})")
@@ -232,13 +232,13 @@ def _plan(file: _File, abstract, model_config) -> dict:
         if tensor.tensor_type not in QUANT_TYPES:
             raise InputError(f"{file.path}: tensor {name} is {tensor.tensor_type.name}, which is not supported; "
                              f"supported: {', '.join(t.name for t in QUANT_TYPES)}")
-        shape, expected = tuple(int(n) for n in reversed(tensor.shape)), huggingface._hf_shape(leaf.shape, layout)
+        shape, expected = tuple(int(n) for n in reversed(tensor.shape)), hf_layout.hf_shape(leaf.shape, layout)
         if shape != expected:
             raise InputError(f"{file.path}: tensor {name} has shape {shape} (numpy order) but its metadata implies "
                              f"{expected}")
         rotary = re.search(r"\.attn_[qk]\.", name) is not None
         plan[key] = _HFView(tensor, model_config.head_dim if rotary else 0), layout
-    used = {_gguf_name(huggingface._hf_name(key)[0]) for key in plan}
+    used = {_gguf_name(hf_layout.hf_name(key)[0]) for key in plan}
     if model_config.rope_scaling_type:
         used.add("rope_freqs.weight")
     unused = sorted(set(file.tensors) - used)
@@ -262,7 +262,7 @@ def _load_params(file: _File, model_config: ml_collections.ConfigDict, shardings
         def read(index):
             bounds = tuple(s.indices(n) for s, n in zip(index, leaf.shape))
             if bounds not in blocks:
-                blocks[bounds] = huggingface._read_block(view, layout, index, leaf.shape).astype(leaf.dtype)
+                blocks[bounds] = hf_layout.read_block(view, layout, index, leaf.shape).astype(leaf.dtype)
             return blocks[bounds]
 
         return jax.make_array_from_callback(leaf.shape, sharding, read)
@@ -281,7 +281,7 @@ def load_params(path: str, model_config: ml_collections.ConfigDict, shardings=No
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tokenizer, everything at once, and init_from
+# Tokenizer, and everything at once
 # ---------------------------------------------------------------------------------------------------------------
 
 def tokenizer(path: str) -> tokenizers.Tokenizer:
@@ -298,44 +298,16 @@ def _tokenizer(file: _File, vocab_size: int) -> tokenizers.Tokenizer:
     return tokenizer
 
 
-def load(path: str, *, dtype: str = "float32", attention: str = "xla", mesh=None, rules=None):
+def load(path: str, *, dtype: str = "float32", softmax_implementation: str = "xla", mesh=None, rules=None):
     """(model, params, tokenizer) from a GGUF file, read once.
 
-    With a `mesh`, parameters are sharded by the logical-axis `rules` (default: configs/lm.py's table).
+    With a `mesh`, parameters are sharded by the logical-axis `rules` (default: parallel.mesh.LOGICAL_AXIS_RULES).
     """
     file = _open(path)
     model_config = _model_config(_config_fields(file))
-    model_config.update(dtype=dtype, attention=attention)
+    model_config.update(dtype=dtype, softmax_implementation=softmax_implementation)
     model = registry.build(model_config)
     tokenizer = _tokenizer(file, model_config.vocab_size)  # before reading any tensor data
-    rules = mesh_lib.axis_rules(lm.get_config()) if rules is None else tuple(map(tuple, rules))
+    rules = mesh_lib.LOGICAL_AXIS_RULES if rules is None else tuple(map(tuple, rules))
     shardings = None if mesh is None else mesh_lib.sharded_abstract_params(model, mesh, rules)[1]
     return model, _load_params(file, model_config, shardings), tokenizer
-
-
-def prepare_run(path: str, workdir: str) -> tuple[dict, str]:
-    """For --config.init_from=gguf:PATH: (the config.model fields PATH implies, WORKDIR/tokenizer.json).
-
-    The tokenizer is rebuilt from PATH's metadata and written into the workdir, so evaluate.py and later resumes
-    read the same file. Every process writes the same bytes through an atomic rename, so hosts that do not share
-    the workdir get their own copy. A workdir whose tokenizer.json is another tokenizer is refused: its
-    checkpoints would take precedence over PATH and read through the wrong vocabulary.
-    """
-    file = _open(path)
-    fields = _config_fields(file)
-    rebuilt = _tokenizer(file, fields["vocab_size"])
-    tokenizer_file = os.path.join(workdir, "tokenizer.json")
-    if os.path.exists(tokenizer_file):
-        try:
-            same = tokenizers.Tokenizer.from_file(tokenizer_file).to_str() == rebuilt.to_str()
-        except Exception:  # the Rust side raises a bare Exception for a malformed file
-            same = False
-        if not same:
-            raise InputError(f"{tokenizer_file} is not the tokenizer of {path}; use a fresh --workdir for "
-                             f"--config.init_from=gguf:{path}")
-        return fields, tokenizer_file
-    os.makedirs(workdir, exist_ok=True)
-    tmp = f"{tokenizer_file}.{uuid.uuid4().hex}.tmp"  # unique across hosts, which may share process ids
-    rebuilt.save(tmp)
-    os.replace(tmp, tokenizer_file)
-    return fields, tokenizer_file

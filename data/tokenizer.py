@@ -1,4 +1,5 @@
-"""A byte-level BPE tokenizer: trained on the train split and saved in the workdir, or loaded from a given file."""
+"""A run's tokenizer: a byte-level BPE trained on the train split, or a given file (a tokenizer.json, or the
+tokenizer a GGUF checkpoint's metadata describes); either way WORKDIR/tokenizer.json holds the one the run uses."""
 
 import os
 import pathlib
@@ -8,8 +9,9 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from errors import InputError
+from checkpoints import gguf
 from data.corpus import record_text
+from errors import InputError
 
 EOS = "<|endoftext|>"
 # End-of-document tokens of common Hugging Face tokenizers, for a given tokenizer.json that lacks EOS.
@@ -18,26 +20,29 @@ _BYTE_ALPHABET = frozenset(pre_tokenizers.ByteLevel.alphabet())
 
 
 def load_or_train_tokenizer(data_config, workdir, train_source, vocab_size: int) -> tokenizers.Tokenizer:
-    """config.data.tokenizer_path if given; else WORKDIR/tokenizer.json, trained (vocab_size tokens: the model's
-    vocabulary) and saved on first use."""
+    """config.data.tokenizer_path if given, else WORKDIR/tokenizer.json, else a BPE of vocab_size tokens (the
+    model's vocabulary) trained on the train split; the workdir keeps a copy of what it uses."""
     tokenizer = existing_tokenizer(data_config, workdir, vocab_size)
     if tokenizer is None:
         tokenizer = train_tokenizer(data_config, train_source, vocab_size)
-        if jax.process_index() == 0:
-            _save_atomically(tokenizer, pathlib.Path(workdir) / "tokenizer.json")
+    path = pathlib.Path(workdir) / "tokenizer.json"
+    if not path.exists() and jax.process_index() == 0:
+        _save_atomically(tokenizer, path)
     return tokenizer
 
 
 def existing_tokenizer(data_config, workdir, vocab_size: int) -> tokenizers.Tokenizer | None:
     """The tokenizer a run uses if it exists already (config.data.tokenizer_path, else WORKDIR/tokenizer.json),
-    checked against the model's vocabulary; None while it is still to be trained. Reads, never writes."""
+    checked against the model's vocabulary and against the workdir's copy; None while it is still to be trained.
+    Reads, never writes."""
     path = pathlib.Path(workdir) / "tokenizer.json"
-    if data_config.tokenizer_path:
-        tokenizer = _load(data_config.tokenizer_path, "config.data.tokenizer_path")
-    elif path.exists():
-        tokenizer = _load(path, "the workdir's tokenizer (delete it to retrain)")
-    else:
+    kept = _load(path, "the workdir's tokenizer (delete it to retrain)") if path.exists() else None
+    tokenizer = _load(data_config.tokenizer_path, "config.data.tokenizer_path") if data_config.tokenizer_path else kept
+    if tokenizer is None:
         return None
+    if kept is not None and kept.to_str() != tokenizer.to_str():
+        raise InputError(f"config.data.tokenizer_path={data_config.tokenizer_path!r} is not the tokenizer this "
+                         f"workdir's run used ({path}); use a fresh --workdir")
     if tokenizer.get_vocab_size() > vocab_size:
         raise InputError(f"config.model.vocab_size={vocab_size} is smaller than the {tokenizer.get_vocab_size()} "
                          f"tokens of the tokenizer {data_config.tokenizer_path or path}; raise it")
@@ -92,11 +97,14 @@ def _training_texts(data_config, train_source):
 
 
 def _load(path, what) -> tokenizers.Tokenizer:
-    try:
-        tokenizer = tokenizers.Tokenizer.from_file(str(path))
-    except Exception as error:  # The Rust side raises a bare Exception for missing or malformed files.
-        reason = "does not exist" if not os.path.exists(path) else f"is not a valid tokenizer.json ({error})"
-        raise InputError(f"{what}: {path} {reason}".replace("\n", " ")) from None
+    if str(path).endswith(".gguf"):
+        tokenizer = gguf.tokenizer(str(path))  # rebuilt from the file's metadata; bad files are one-line errors
+    else:
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:  # The Rust side raises a bare Exception for missing or malformed files.
+            reason = "does not exist" if not os.path.exists(path) else f"is not a valid tokenizer.json ({error})"
+            raise InputError(f"{what}: {path} {reason}".replace("\n", " ")) from None
     try:
         eos_id(tokenizer)
     except ValueError as error:

@@ -193,7 +193,7 @@ def test_tokenizer_is_trained_saved_reloaded_and_round_trips(data_config, source
 def test_given_tokenizer_path(data_config, sources, workdir, tmp_path):
     given = make_data_config(tokenizer_path=str(workdir / "tokenizer.json"))
     assert tokenizer.load_or_train_tokenizer(given, tmp_path, sources["train"], VOCAB).get_vocab_size() == 300
-    assert not (tmp_path / "tokenizer.json").exists()
+    assert (tmp_path / "tokenizer.json").read_text() == (workdir / "tokenizer.json").read_text()  # the run's copy
     (tmp_path / "broken.json").write_text("{not json")
     for path in [tmp_path / "missing.json", tmp_path / "broken.json"]:
         with pytest.raises(InputError) as excinfo:
@@ -201,9 +201,9 @@ def test_given_tokenizer_path(data_config, sources, workdir, tmp_path):
                                             VOCAB)
         assert_one_line_input_error(excinfo, "config.data.tokenizer_path", str(path))
     with pytest.raises(InputError) as excinfo:
-        tokenizer.load_or_train_tokenizer(given, tmp_path, sources["train"], 256)
+        tokenizer.load_or_train_tokenizer(given, tmp_path / "other", sources["train"], 256)
     assert_one_line_input_error(excinfo, "config.model.vocab_size=256", "300 tokens")
-    assert not (tmp_path / "tokenizer.json").exists()
+    assert not (tmp_path / "other").exists()
 
 
 # Pipeline.

@@ -317,21 +317,29 @@ def test_sharded_load_equals_single_device(hf_model, smollm_tokenizer, tmp_path)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, sharded), jax.tree.map(np.asarray, single))
 
 
-def test_prepare_run_writes_the_tokenizer_into_the_workdir(hf_model, smollm_tokenizer, tmp_path):
+def test_a_run_keeps_the_rebuilt_tokenizer_in_its_workdir(hf_model, smollm_tokenizer, tmp_path):
+    """init_from=gguf:PATH: the model fields are the file's, and the run's tokenizer (rebuilt from the metadata) is
+    kept as WORKDIR/tokenizer.json; a workdir that holds another tokenizer is refused."""
+    from checkpoints import init_from
     from data import tokenizer as tokenizer_lib
 
     path = write_gguf(tmp_path / "llama.gguf", *contents(hf_model, smollm_tokenizer))
-    workdir = str(tmp_path / "run")
-    fields, tokenizer_file = gguf.prepare_run(path, workdir)
-    assert fields == gguf.model_config_fields(path) and tokenizer_file == os.path.join(workdir, "tokenizer.json")
-    data_config = ml_collections.ConfigDict(dict(tokenizer_path=tokenizer_file, vocab_size=VOCAB))
-    loaded = tokenizer_lib.load_or_train_tokenizer(data_config, workdir, train_source=None)
+    config = lm.get_config("tiny")
+    config.init_from = f"gguf:{path}"
+    config, source = init_from.resolve(config)
+    assert source == f"gguf:{path}" and config.data.tokenizer_path == path
+    assert {key: config.model[key] for key in gguf.model_config_fields(path) if key != "max_seq_len"} == {
+        key: value for key, value in gguf.model_config_fields(path).items() if key != "max_seq_len"}
+    workdir = tmp_path / "run"
+    loaded = tokenizer_lib.load_or_train_tokenizer(config.data, str(workdir), None, config.model.vocab_size)
     assert loaded.encode(TEXTS["code"]).ids == gguf.tokenizer(path).encode(TEXTS["code"]).ids
-    assert gguf.prepare_run(path, workdir) == (fields, tokenizer_file)  # a resume finds its own tokenizer
+    kept = tokenizers.Tokenizer.from_file(str(workdir / "tokenizer.json"))
+    assert kept.to_str() == gguf.tokenizer(path).to_str()
+    tokenizer_lib.load_or_train_tokenizer(config.data, str(workdir), None, config.model.vocab_size)  # a resume
 
-    train_tokenizer("gpt-2").save(tokenizer_file)
-    with pytest.raises(InputError, match=r"run/tokenizer.json is not the tokenizer of .*llama.gguf; use a fresh"):
-        gguf.prepare_run(path, workdir)
+    train_tokenizer("gpt-2").save(str(workdir / "tokenizer.json"))
+    with pytest.raises(InputError, match=r"is not the tokenizer this workdir's run used .*run/tokenizer.json"):
+        tokenizer_lib.load_or_train_tokenizer(config.data, str(workdir), None, config.model.vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -478,7 +486,7 @@ def test_validation_benchmark_agrees_with_transformers(hf_model, smollm_tokenize
     config.init_from = "gguf:" + write_gguf(tmp_path / "llama.gguf", *contents(hf_model, smollm_tokenizer))
     config.data.update(max_files=40, validation_fraction=0.25, tfds_data_dir=str(tmp_path / "tfds"), seq_len=32,
                        global_batch_size=8)  # one row per fake device
-    config.evaluate.num_batches = 2
+    config.evaluate.validation.num_batches = 2
     result = gguf_validation.measure(config)
     assert result["tokens"] == 2 * 8 * 32 and result["decodelab"]["perplexity"] > 1
     assert abs(result["loss_difference"]) < 1e-5

@@ -8,7 +8,6 @@ import pkgutil
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
