@@ -5,7 +5,8 @@
 The batches are evaluate.py's (config.data.seq_len, global_batch_size and evaluate.validation.num_batches windows of
 the validation split), tokenized with the file's own tokenizer as decodelab rebuilds it. decodelab's numbers are the
 validation evaluator's (evaluators/validation.py) on the model gguf.load builds; transformers' are the mean
-cross-entropy of its model on the same int32 batches. Writes OUT/gguf_validation.json, with the largest logit difference on the first batch.
+cross-entropy of its model on the same int32 batches. Writes OUT/gguf_validation.json, with the largest logit
+difference on the first batch.
 """
 
 import argparse

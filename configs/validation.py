@@ -88,7 +88,8 @@ def _params_fit_mesh(model, mesh, rules) -> None:
     """Every parameter dimension divides by the mesh axes its logical name maps to (jit refuses uneven shards)."""
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *model.example_inputs()))["params"]
     specs = nn.get_partition_spec(boxed)
-    flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
     shapes = jax.tree.leaves(mesh_lib.strip_logical_names(boxed))
     for (path, spec), shape in zip(flat_specs, shapes):
         for size, name, mesh_axes in zip(shape.shape, spec, nn.logical_to_mesh_axes(spec, rules)):

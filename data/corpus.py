@@ -6,8 +6,8 @@ import sysconfig
 
 import tensorflow_datasets as tfds
 
-from errors import InputError
 from data import text_corpus
+from errors import InputError
 
 SPLITS = ("train", "validation")
 _TFDS_PREFIX = "tfds:"

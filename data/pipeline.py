@@ -11,10 +11,10 @@ import re
 import grain
 import numpy as np
 
-from errors import InputError
 from data.corpus import record_text
 from data.packing import PackedWindows
 from data.tokenizer import eos_id
+from errors import InputError
 
 # A document is ~20 windows on average; grain's default buffer (500 documents) tokenizes far ahead of need, which
 # delays the first batch and every restore.

@@ -9,8 +9,8 @@ import dataclasses
 import hashlib
 import pathlib
 
-from etils import epath
 import tensorflow_datasets as tfds
+from etils import epath
 
 # Installed packages and bytecode caches live under the stdlib directory but are not the standard library.
 STDLIB_EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__")

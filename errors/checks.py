@@ -26,7 +26,8 @@ def integer(key: str, value, *, minimum: int | None = None, maximum: int | None 
 def number(key: str, value, *, minimum: float | None = None, above: float | None = None,
            maximum: float | None = None, below: float | None = None) -> float:
     """A finite real number within the given bounds (minimum/maximum inclusive, above/below exclusive)."""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)
     ok = ok and (minimum is None or value >= minimum) and (above is None or value > above)
     ok = ok and (maximum is None or value <= maximum) and (below is None or value < below)
     if not ok:

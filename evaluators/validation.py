@@ -44,7 +44,8 @@ class Evaluator:
             for local_batch in self.batches:
                 batch = jax.tree.map(lambda x: mesh_lib.global_batch(x, batch_sharding), local_batch)
                 batch_nll, batch_tokens, batch_bytes = jax.device_get(self._sums(params, batch))
-                nll, tokens, num_bytes = nll + float(batch_nll), tokens + int(batch_tokens), num_bytes + int(batch_bytes)
+                nll, tokens = nll + float(batch_nll), tokens + int(batch_tokens)
+                num_bytes += int(batch_bytes)
         loss = nll / tokens
         return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": nll / math.log(2) / max(num_bytes, 1),
                 "tokens": tokens}

@@ -82,7 +82,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             q_BTNH = RMSNorm(self.norm_eps, self.dtype, "kv", name="query_norm")(q_BTNH)
             k_BTKH = RMSNorm(self.norm_eps, self.dtype, "kv", name="key_norm")(k_BTKH)
-        q_BTNH = nn.with_logical_constraint(self.rope(q_BTNH, positions_BT), ("act_batch", "act_len", "act_heads", "kv"))
+        q_BTNH = nn.with_logical_constraint(self.rope(q_BTNH, positions_BT),
+                                            ("act_batch", "act_len", "act_heads", "kv"))
         k_BTKH = nn.with_logical_constraint(self.rope(k_BTKH, positions_BT),
                                             ("act_batch", "act_len", "act_kv_heads", "kv"))
 

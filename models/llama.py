@@ -24,14 +24,15 @@ import jax.numpy as jnp
 import optax
 
 from errors import InputError, checks
-from models.attention import IMPLEMENTATIONS as SOFTMAX_IMPLEMENTATIONS
-from models.attention import Attention
+from models.attention import IMPLEMENTATIONS as SOFTMAX_IMPLEMENTATIONS, Attention
 from models.cache import Cache
 from models.layers import RMSNorm, SwiGLU
 from models.linear_attention import LightningMixer, layer_decay
 from models.rope import Rope
-from pallas_kernels.lightning_attention import DECODE_IMPLEMENTATIONS as LIGHTNING_DECODE_IMPLEMENTATIONS
-from pallas_kernels.lightning_attention import IMPLEMENTATIONS as LIGHTNING_IMPLEMENTATIONS
+from pallas_kernels.lightning_attention import (
+    DECODE_IMPLEMENTATIONS as LIGHTNING_DECODE_IMPLEMENTATIONS,
+    IMPLEMENTATIONS as LIGHTNING_IMPLEMENTATIONS,
+)
 
 MIXERS = ("softmax", "lightning")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -126,7 +127,8 @@ def make_mixer(cfg: Config, layer_index: int, parent=None) -> nn.Module:
     dtype = jnp.dtype(cfg.dtype)
     if cfg.mixer(layer_index) == "softmax":
         return Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope, cfg.softmax_implementation, dtype,
-                         cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps, residual_init_scale(cfg), name="attention", parent=parent)
+                         cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps, residual_init_scale(cfg), name="attention",
+                         parent=parent)
     decay_H = tuple(layer_decay(cfg.num_heads, layer_index, cfg.num_layers).tolist())
     return LightningMixer(cfg.num_heads, cfg.head_dim, decay_H, cfg.lightning_implementation,
                           cfg.lightning_decode_implementation, cfg.lightning_block_size, dtype, cfg.norm_eps,

@@ -7,8 +7,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging as absl_logging
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from errors import InputError
 

@@ -28,15 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+import shapes
 from errors import InputError, checks
 from models.cache import Cache
 from parallel import mesh as mesh_lib
 from samplers import stopping
 from samplers.plain import PlainSampling
-import shapes
 from samplers.strategy import Context, Emitted, Prefill, Strategy
 
 # Token buffers and automatic cache lengths are rounded up to this, so nearby budgets share a compilation.
@@ -129,7 +128,8 @@ class Sampler:
             if token >= vocab_size:
                 raise InputError(f"SamplerConfig.stop_tokens: {token} is outside the vocabulary [0, {vocab_size})")
         if config.cache_len > max_seq_len:
-            raise InputError(f"SamplerConfig.cache_len={config.cache_len} exceeds the model's max_seq_len={max_seq_len}")
+            raise InputError(f"SamplerConfig.cache_len={config.cache_len} exceeds the model's "
+                             f"max_seq_len={max_seq_len}")
         if config.stop_sequences and tokenizer is None:
             raise InputError("SamplerConfig.stop_sequences need a tokenizer; pass one to Sampler")
         self._sequence_ids = stopping.stop_sequence_ids(tokenizer, config.stop_sequences) if tokenizer else ()
@@ -336,11 +336,10 @@ class Sampler:
         """Writes every prompt into a fresh cache in one call, unembeds each row's last position, and starts the
         strategy from there."""
         self.trace_count += 1  # runs only while tracing
-        batch, prompt_len = prompt_BP.shape
+        batch = prompt_BP.shape[0]
         cache = self.model.init_cache(batch, cache_len, self.strategy.rollback_window)
         logits_B1V, cache = self.model.apply({"params": params}, prompt_BP, cache, lengths_B,
                                              logits_at_B=lengths_B - 1)
-        history_BP = jnp.where(jnp.arange(prompt_len)[None] < lengths_B[:, None], prompt_BP, stopping.MASKED)
         state = DecodeState(
             tokens_BN=jnp.full((batch, token_capacity), stopping.MASKED, jnp.int32),
             log_probs_BN=jnp.zeros((batch, token_capacity), jnp.float32),
@@ -352,8 +351,7 @@ class Sampler:
             strategy=None,
         )
         ctx = self._context(params, constants, state)
-        strategy_state, emitted = self.strategy.init(ctx, Prefill(logits_B1V[:, 0], cache, history_BP, lengths_B,
-                                                                  rng))
+        strategy_state, emitted = self.strategy.init(ctx, Prefill(logits_B1V[:, 0], cache, prompt_BP, lengths_B, rng))
         return self._constrain(self._record(ctx, state.replace(strategy=strategy_state), emitted))
 
     def _decode_fn(self, params, constants, state: DecodeState, max_steps) -> DecodeState:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from models.cache import Cache
-from samplers import sampling
+from samplers import sampling, stopping
 from samplers.sampling import SamplingConfig
 from samplers.strategy import Context, Emitted, Prefill, Strategy
 
@@ -30,7 +30,10 @@ class PlainSampling(Strategy):
     sampling: SamplingConfig = SamplingConfig()
 
     def init(self, ctx: Context, prefill: Prefill):
-        state = PlainState(prefill.prompt_BP, jnp.zeros_like(prefill.lengths_B), prefill.cache, prefill.rng)
+        prompt_len = prefill.prompt_BP.shape[1]
+        written_BP = jnp.arange(prompt_len)[None] < prefill.lengths_B[:, None]
+        history_BP = jnp.where(written_BP, prefill.prompt_BP, stopping.MASKED)  # the penalty ignores MASKED
+        state = PlainState(history_BP, jnp.zeros_like(prefill.lengths_B), prefill.cache, prefill.rng)
         return self._sample(ctx, state, prefill.logits_BV)
 
     def step(self, ctx: Context, state: PlainState):

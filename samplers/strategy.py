@@ -36,7 +36,7 @@ class Prefill:
 
     logits_BV: jax.Array  # the target's logits at each row's last prompt position
     cache: Cache  # the target's cache holding the prompts
-    prompt_BP: jax.Array  # right-padded prompt ids, padding as stopping.MASKED
+    prompt_BP: jax.Array  # the right-padded prompt ids the target was fed (padding 0)
     lengths_B: jax.Array
     rng: jax.Array
 

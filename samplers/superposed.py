@@ -69,7 +69,8 @@ class SuperposedConfig:
         if not self.temperature > 0 or math.isinf(self.temperature):
             raise InputError(f"superposed.temperature must be a finite number > 0, got {self.temperature}")
         orders = self.ngram_orders
-        if not orders or any(not checks.is_int(n) for n in orders) or list(orders) != sorted(set(orders)) or orders[0] < 2:
+        if (not orders or not all(checks.is_int(n) for n in orders) or list(orders) != sorted(set(orders))
+                or orders[0] < 2):
             raise InputError(f"superposed.ngram_orders must be distinct increasing integers >= 2, got {orders}")
         if len(self.ngram_weights) != len(orders):
             raise InputError(f"superposed.ngram_weights has {len(self.ngram_weights)} values for "

@@ -85,8 +85,9 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused_before_writing(tmp_path
     workdir = tmp_path / "run"
     workdir.mkdir()
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tokenizer.train_from_iterator(["def f(x): return x"] * 4, tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["def f(x): return x"] * 4, trainer)
     tokenizer.save(str(workdir / "tokenizer.json"))
     config = tiny_config()
     config.model.vocab_size = 256

@@ -4,16 +4,16 @@ import pathlib
 import re
 import sys
 
-from absl import flags
 import grain
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
+from absl import flags
 
-from errors import InputError
 from data import corpus, pipeline, text_corpus, tokenizer
+from errors import InputError
 
 NUM_FILES = 16
 VOCAB = 300  # the model's vocabulary, which sizes the trained tokenizer

@@ -10,8 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tokenizers
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from configs import lm

@@ -7,7 +7,9 @@ import inspect
 import pkgutil
 
 import flax.linen as nn
+import flax.struct
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from samplers import ngram_store, stopping
 from samplers.engine import Sampler, SamplerConfig
 from samplers.plain import PlainSampling
 from samplers.sampling import SamplingConfig
-from samplers.strategy import Strategy
+from samplers.strategy import Emitted, Strategy
 from samplers.superposed import Superposed, SuperposedConfig
 
 VOCAB = 64
@@ -97,3 +99,72 @@ def test_strategy_contract(model_and_params, name):
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 1, "tensor": 2}), jax.devices()[:4])
     sharded = Sampler(model, params, None, config, STRATEGIES[name](), mesh=mesh, rules=mesh_lib.LOGICAL_AXIS_RULES)
     assert sharded.generate_tokens(PROMPTS, seed=1).tokens == output.tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What the contract allows beyond one token per step: a toy greedy draft-and-verify strategy (speculative decoding
+# with one draft token), with a draft model's cache beside the target's, several tokens per step, and per-row
+# rollback. Its tokens must be exactly greedy decoding's.
+
+@flax.struct.dataclass
+class DraftVerifyState:
+    target: Cache  # holds every token but the newest
+    draft: Cache  # likewise
+    last_token_B: jax.Array
+
+
+class GreedyDraftVerify(Strategy):
+    tokens_per_step = 2  # the draft token if the target agrees, and the target's own next token
+    cache_window = 2
+    rollback_window = 2
+
+    def __init__(self, draft_model, draft_params):
+        self.draft_model, self.draft_params = draft_model, draft_params
+
+    def prepare(self, sampler):
+        return sampler.place_params(self.draft_model, self.draft_params)
+
+    def _draft(self, ctx, tokens_BT, cache, num_new_B):
+        return self.draft_model.apply({"params": ctx.constants}, tokens_BT, cache, num_new_B)
+
+    def init(self, ctx, prefill):
+        draft = self.draft_model.init_cache(prefill.prompt_BP.shape[0], prefill.cache.capacity)
+        _, draft = self._draft(ctx, prefill.prompt_BP, draft, prefill.lengths_B)
+        first_B = jnp.argmax(prefill.logits_BV, axis=-1).astype(jnp.int32)
+        emitted = Emitted(first_B[:, None], jnp.zeros((first_B.shape[0], 1)), jnp.ones_like(first_B))
+        return DraftVerifyState(prefill.cache, draft, first_B), emitted
+
+    def step(self, ctx, state):
+        active_B = ctx.active_B.astype(jnp.int32)
+        draft_logits_B1V, draft = self._draft(ctx, state.last_token_B[:, None], state.draft, active_B)
+        guess_B = jnp.argmax(draft_logits_B1V[:, 0], axis=-1).astype(jnp.int32)
+        before_B = state.target.lengths_B
+        logits_B2V, target = ctx.forward(jnp.stack([state.last_token_B, guess_B], 1), state.target, 2 * active_B)
+        greedy_B2 = jnp.argmax(logits_B2V, axis=-1).astype(jnp.int32)
+        accepted_B = (greedy_B2[:, 0] == guess_B).astype(jnp.int32) * active_B
+        # Rejected rows drop the guess from the target cache; accepted rows feed it to the draft too.
+        target = target.rollback(before_B + active_B + accepted_B)
+        _, draft = self._draft(ctx, guess_B[:, None], draft, accepted_B)
+        last_B = jnp.where(accepted_B == 1, greedy_B2[:, 1], greedy_B2[:, 0])
+        emitted = Emitted(jnp.where(accepted_B[:, None] == 1, jnp.stack([guess_B, greedy_B2[:, 1]], 1), greedy_B2),
+                          jnp.zeros((last_B.shape[0], 2)), 1 + accepted_B)
+        return DraftVerifyState(target, draft, jnp.where(ctx.active_B, last_B, state.last_token_B)), emitted
+
+    def is_done(self, ctx, state):
+        return ~state.target.has_room(self.cache_window) | ~state.draft.has_room(self.cache_window)
+
+
+def test_draft_and_verify_with_two_caches_and_rollback_equals_greedy(model_and_params):
+    model, params = model_and_params
+    # A draft close to the target (the same model, perturbed weights): it agrees often, but not always.
+    leaves, treedef = jax.tree.flatten(params)
+    draft_params = jax.tree.unflatten(treedef, [
+        x * (1 + 0.1 * jax.random.normal(jax.random.fold_in(jax.random.key(3), i), x.shape))
+        for i, x in enumerate(leaves)])
+    config = SamplerConfig(max_new_tokens=12, prompt_buckets=(8,))
+    greedy = Sampler(model, params, None, config).generate_tokens(PROMPTS)
+    sampler = Sampler(model, params, None, config, GreedyDraftVerify(model, draft_params))
+    state = sampler.decode(sampler.prefill(PROMPTS))
+    assert sampler.output(state, len(PROMPTS)).tokens == greedy.tokens
+    # 12 tokens take 1 + 11 steps if every guess is rejected, 1 + 6 if every one is accepted.
+    assert 7 < int(state.steps) < 12, int(state.steps)

@@ -15,9 +15,9 @@ import pytest
 import evaluate
 import train
 from checkpoints.manager import Checkpoints
-from errors import InputError, TrainingDiverged
 from configs.lm import get_config
 from data import corpus
+from errors import InputError, TrainingDiverged
 from parallel import mesh as mesh_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -27,20 +27,21 @@ def chunked(q_BTHD, k_BTHD, v_BTHE, decay_H, initial_state_BHDE, *, block_size):
     a_C = np.arange(C, dtype=np.float32)
     length_N = np.minimum(C, T - C * np.arange(N)).astype(np.float32)
     diff_CC = a_C[:, None] - a_C[None, :]
-    mask_HCC = jnp.where(diff_CC >= 0, jnp.exp(np.maximum(diff_CC, 0.0) * log_decay_H[:, None, None]), 0.0)
+    mask_HCC = jnp.where(diff_CC[None] >= 0, jnp.exp(np.maximum(diff_CC, 0.0)[None] * log_decay_H[:, None, None]), 0.0)
     q_decay_CH = jnp.exp((a_C[:, None] + 1.0) * log_decay_H[None])
     # Key b of block n reaches the block's outgoing state decayed (length_n - 1 - b) times; padded keys not at all.
     k_exp_NC = length_N[:, None] - 1.0 - a_C[None, :]
-    k_decay_NCH = jnp.where(k_exp_NC[..., None] >= 0, jnp.exp(np.maximum(k_exp_NC, 0.0)[..., None] * log_decay_H[None, None]), 0.0)
+    k_decay_NCH = jnp.where(k_exp_NC[..., None] >= 0,
+                            jnp.exp(np.maximum(k_exp_NC, 0.0)[..., None] * log_decay_H[None, None]), 0.0)
     block_decay_NH = jnp.exp(length_N[:, None] * log_decay_H[None])
 
-    scores_BNHCC = jnp.einsum("bnchd,bnshd->bnhcs", q_BNCHD, k_BNCHD) * mask_HCC
+    scores_BNHCC = jnp.einsum("bnchd,bnshd->bnhcs", q_BNCHD, k_BNCHD) * mask_HCC[None, None]
     o_BNCHE = jnp.einsum("bnhcs,bnshe->bnche", scores_BNHCC, v_BNCHE)
     kv_NBHDE = jnp.einsum("bnchd,nch,bnche->nbhde", k_BNCHD, k_decay_NCH, v_BNCHE)
 
     def carry_state(state_BHDE, inputs):
         kv_BHDE, block_decay_H = inputs
-        return block_decay_H[:, None, None] * state_BHDE + kv_BHDE, state_BHDE
+        return block_decay_H[None, :, None, None] * state_BHDE + kv_BHDE, state_BHDE
 
     final_BHDE, incoming_NBHDE = jax.lax.scan(
         carry_state, initial_state_BHDE.astype(jnp.float32), (kv_NBHDE, block_decay_NH)
