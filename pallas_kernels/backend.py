@@ -1,4 +1,5 @@
-"""Which Pallas lowering a kernel call targets and whether it runs in interpret mode: the one place both are chosen.
+"""Which Pallas lowering a kernel call targets and whether it runs in interpret mode: the one place both are chosen
+(and the padding the GPU wrappers share).
 
 The target is the platform of the abstract device when the call is traced under `jax.sharding.use_abstract_mesh`
 (how code is lowered for a GPU or TPU that is not attached: `jax.jit(f).trace(...).lower(lowering_platforms=...)`),

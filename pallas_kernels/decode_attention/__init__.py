@@ -1,5 +1,6 @@
 """Decode attention over a KV cache with ragged lengths: validation and dispatch to the Pallas kernel or reference."""
 
+import functools
 import math
 
 from errors import InputError
@@ -56,7 +57,7 @@ def decode_attention(
     _validate(q_BNH, k_BKSH, v_BKSH, lengths_B, implementation)
     scale = 1.0 / math.sqrt(q_BNH.shape[-1]) if scale is None else float(scale)
     if implementation == "reference":
-        attend = lambda q, k, v, lengths: decode_attention_reference(q, k, v, lengths, scale=scale)  # noqa: E731
+        attend = functools.partial(decode_attention_reference, scale=scale)
     else:
         backend, interpret = kernel_backend(interpret, caller="decode_attention")
         requested = BlockSizes(block_size, num_splits, num_warps, num_stages)
@@ -76,7 +77,4 @@ def decode_attention(
     return sharding.run(attend, inputs, "bh.", caller="decode_attention")
 
 
-__all__ = [
-    "IMPLEMENTATIONS", "BlockSizes", "KernelSharding", "decode_attention", "decode_attention_pallas",
-    "decode_attention_reference",
-]
+__all__ = ["IMPLEMENTATIONS", "BlockSizes", "decode_attention", "decode_attention_pallas", "decode_attention_reference"]

@@ -4,6 +4,7 @@ On GPU the cuDNN path (jax.nn.dot_product_attention(implementation="cudnn")) pla
 TPU-only (Mosaic), and runs on CPU in interpret mode.
 """
 
+import functools
 import math
 
 import jax.numpy as jnp
@@ -76,8 +77,7 @@ def splash_attention(
     _validate(q_BTNH, k_BTKH, v_BTKH, implementation, block_size)
     scale = 1.0 / math.sqrt(q_BTNH.shape[-1]) if scale is None else float(scale)
     if implementation == "reference":
-        def attend(q, k, v):
-            return causal_attention_reference(q, k, v, scale=scale)
+        attend = functools.partial(causal_attention_reference, scale=scale)
     else:
         backend, interpret = kernel_backend(interpret, caller="splash_attention")
         if backend != "tpu" and not interpret:
@@ -86,9 +86,7 @@ def splash_attention(
                 "(jax.nn.dot_product_attention(implementation='cudnn')) or interpret=True"
             )
         block = _default_block(q_BTNH.shape[1]) if block_size is None else block_size
-
-        def attend(q, k, v):
-            return splash_attention_pallas(q, k, v, scale=scale, block_size=block, interpret=interpret)
+        attend = functools.partial(splash_attention_pallas, scale=scale, block_size=block, interpret=interpret)
 
     if sharding is None:
         return attend(q_BTNH, k_BTKH, v_BTKH)
@@ -96,5 +94,4 @@ def splash_attention(
     return sharding.run(attend, inputs, "b.h.", caller="splash_attention")
 
 
-__all__ = ["IMPLEMENTATIONS", "KernelSharding", "causal_attention_reference", "splash_attention",
-           "splash_attention_pallas"]
+__all__ = ["IMPLEMENTATIONS", "causal_attention_reference", "splash_attention", "splash_attention_pallas"]
