@@ -1,7 +1,10 @@
-# The two commands of the README: `make demo` and `make test`.
+# The two commands of the README: `make demo` and `make test` (Python 3.11, jax 0.10.x); `make test-py312` runs the
+# suite at the other end of the supported range (Python 3.12, the newest jax).
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
+VENV312 ?= .venv312
+PYTHON312 ?= python3.12
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -13,7 +16,15 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PYTHON) -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: demo test test-all
+# The test extra without torch and transformers: torch==2.13.0 is a multi-GB CUDA build on Python 3.12, so this
+# environment leaves out the tests marked `torch` (README, "Supported versions").
+$(VENV312)/.installed-test: setup.py
+	$(PYTHON312) -m venv $(VENV312)
+	$(VENV312)/bin/python -m pip install -q --upgrade pip
+	$(VENV312)/bin/python -m pip install -q -e . pytest scipy chex
+	touch $@
+
+.PHONY: demo test test-all test-py312
 demo: $(VENV)/.installed
 	$(PYTHON) train.py --config=configs/lm.py:tiny --workdir=$(WORKDIR)
 	$(PYTHON) evaluate.py --config=configs/lm.py:tiny --workdir=$(WORKDIR)
@@ -23,3 +34,6 @@ test: $(VENV)/.installed-test
 
 test-all: $(VENV)/.installed-test
 	$(PYTHON) -m pytest -q tests
+
+test-py312: $(VENV312)/.installed-test
+	$(VENV312)/bin/python -m pytest -q -m "not slow and not torch" tests
