@@ -4,7 +4,9 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
 VENV312 ?= .venv312
-PYTHON312 ?= python3.12
+# pyenv's newest 3.12 where pyenv has one (its python3.12 shim answers only while 3.12 is selected), else PATH's.
+PY312_PYENV := $(shell pyenv versions --bare 2>/dev/null | grep '^3\.12' | tail -1)
+PYTHON312 ?= $(if $(PY312_PYENV),$(shell PYENV_VERSION=$(PY312_PYENV) pyenv which python3.12),python3.12)
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)

@@ -65,8 +65,8 @@ def decode_attention(
         def attend(q, k, v, lengths):
             # Resolved on this call's (per-shard) shapes: the default num_splits fills the chip per device.
             blocks = requested.resolve(
-                backend, programs=q.shape[0] * k.shape[1], cache_len=k.shape[2], head_dim=k.shape[3],
-                itemsize=k.dtype.itemsize,
+                backend, compiled=not interpret, programs=q.shape[0] * k.shape[1], cache_len=k.shape[2],
+                head_dim=k.shape[3], itemsize=k.dtype.itemsize,
             )
             return decode_attention_pallas(q, k, v, lengths, scale=scale, blocks=blocks, backend=backend,
                                            interpret=interpret)

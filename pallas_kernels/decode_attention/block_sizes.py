@@ -49,25 +49,29 @@ class BlockSizes:
         """Blocks per split of a resolved tiling (the last split may hold fewer)."""
         return pl.cdiv(pl.cdiv(cache_len, self.block_size), self.num_splits)
 
-    def resolve(self, backend: str, *, programs: int, cache_len: int, head_dim: int, itemsize: int) -> "BlockSizes":
-        """Concrete sizes for one call on `backend` ("gpu" or "tpu"), `programs` = batch * kv_heads: defaults
-        filled in, the block capped to the cache and num_splits made exact. Raises InputError for sizes the
-        backend would refuse."""
+    def resolve(self, backend: str, *, compiled: bool, programs: int, cache_len: int, head_dim: int,
+                itemsize: int) -> "BlockSizes":
+        """Concrete sizes for one call of the `backend` ("gpu" or "tpu") wrapper, compiled or in interpret mode,
+        with `programs` = batch * kv_heads: defaults filled in, the block capped to the cache, num_splits made
+        exact. Raises InputError for sizes the backend would refuse; Triton's rules and Hopper's shared memory
+        apply only when compiling for a GPU, interpret mode needs only a multiple of 8."""
         for name in ("block_size", "num_splits", "num_warps", "num_stages"):
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value <= 0):
                 raise InputError(f"decode_attention: {name}={value!r}; expected a positive int or None (default)")
         if backend == "gpu":
-            block, warps, stages = self._resolve_gpu(cache_len, triton_width(head_dim), itemsize)
+            block, warps, stages = self._resolve_gpu(cache_len, triton_width(head_dim), itemsize, compiled)
             splits = pl.cdiv(_GPU_TARGET_PROGRAMS, programs) if self.num_splits is None else self.num_splits
         else:
-            block, warps, stages = self._resolve_tpu(cache_len), None, None
+            block = _TPU_DEFAULT_BLOCK if self.block_size is None else self.block_size
+            _check_sublanes(block)
+            block, warps, stages = min(block, pl.cdiv(cache_len, 8) * 8), None, None
             splits = pl.cdiv(cache_len, _TPU_MAX_SPLIT_POSITIONS) if self.num_splits is None else self.num_splits
         total_blocks = pl.cdiv(cache_len, block)
         per_split = pl.cdiv(total_blocks, min(splits, total_blocks))
         resolved = BlockSizes(block, pl.cdiv(total_blocks, per_split), warps, stages)
         vmem = 2 * 2 * per_split * block * head_dim * itemsize
-        if backend == "tpu" and vmem > _TPU_VMEM_BYTES:
+        if backend == "tpu" and compiled and vmem > _TPU_VMEM_BYTES:
             raise InputError(
                 f"decode_attention: num_splits={resolved.num_splits} gives splits of {per_split * block} positions "
                 f"whose double-buffered K/V need {vmem // 1024} KiB of VMEM; TPU allows {_TPU_VMEM_BYTES // 1024} "
@@ -75,21 +79,24 @@ class BlockSizes:
             )
         return resolved
 
-    def _resolve_gpu(self, cache_len, head_pad, itemsize):
+    def _resolve_gpu(self, cache_len, head_pad, itemsize, compiled):
         stages = _GPU_DEFAULT_STAGES if self.num_stages is None else self.num_stages
         warps = _GPU_DEFAULT_WARPS if self.num_warps is None else self.num_warps
-        if warps & (warps - 1):
-            raise InputError(f"decode_attention: num_warps={warps}; expected a power of two for the GPU kernel")
         buffer_bytes = lambda block: stages * 2 * block * head_pad * itemsize  # noqa: E731
         block = self.block_size
         if block is None:
             block = _GPU_DEFAULT_BLOCK
             while block > 16 and buffer_bytes(block) > _GPU_DEFAULT_BUFFER_BYTES:
                 block //= 2
+        _check_sublanes(block)
+        # A short cache gets a smaller block (a power of two >= 16): fewer padded positions, less shared memory.
+        block = min(block, triton_width(cache_len))
+        if not compiled:
+            return block, warps, stages
+        if warps & (warps - 1):
+            raise InputError(f"decode_attention: num_warps={warps}; expected a power of two on GPU (Triton)")
         if block < 16 or block & (block - 1):
             raise InputError(f"decode_attention: block_size={block}; expected a power of two >= 16 on GPU (Triton)")
-        # A short cache gets a smaller block (still a power of two): fewer padded positions, less shared memory.
-        block = min(block, triton_width(cache_len))
         if buffer_bytes(block) > _GPU_SHARED_MEMORY_BYTES:
             raise InputError(
                 f"decode_attention: block_size={block} with num_stages={stages} needs {buffer_bytes(block) // 1024} "
@@ -98,8 +105,7 @@ class BlockSizes:
             )
         return block, warps, stages
 
-    def _resolve_tpu(self, cache_len):
-        block = _TPU_DEFAULT_BLOCK if self.block_size is None else self.block_size
-        if block % 8:
-            raise InputError(f"decode_attention: block_size={block}; expected a multiple of 8 on TPU (sublanes)")
-        return min(block, pl.cdiv(cache_len, 8) * 8)
+
+def _check_sublanes(block):
+    if block % 8:
+        raise InputError(f"decode_attention: block_size={block}; expected a multiple of 8 (TPU sublanes)")

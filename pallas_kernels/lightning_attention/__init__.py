@@ -46,8 +46,7 @@ def _check_block_size(block_size, implementation, interpret):
     backend, interpret = kernel_backend(interpret, caller="lightning_attention")
     if block_size % 8:
         raise InputError(f"block_size={block_size} must be a multiple of 8 for the pallas kernel (TPU sublane tiling)")
-    # Also in interpret mode, so that what passes on CPU also lowers for a GPU.
-    if backend == "gpu" and (block_size < 16 or block_size & (block_size - 1)):
+    if backend == "gpu" and not interpret and (block_size < 16 or block_size & (block_size - 1)):
         raise InputError(f"block_size={block_size} must be a power of two >= 16 for the pallas kernel on GPU (Triton)")
     return backend, interpret
 
