@@ -121,35 +121,36 @@ def test_splash_attention_forward_and_backward_lower_for_tpu():
     assert [any(part in name for name in names) for part in ("fwd", "dq", "dkv")] == [True] * 3
 
 
-# Negative controls: (target, the public call with a block the backend rejects, the kernel itself with that block
-# and no decodelab check, what Pallas says when lowering it).
+def _decode_calls(block_size, num_splits, backend):
+    """Decode attention's args, its public call with these sizes, and the kernel with them unchecked (num_warps
+    and num_stages are read by the GPU wrapper only)."""
+    return (
+        DECODE_ARGS,
+        lambda *a: decode_attention(*a, block_size=block_size, num_splits=num_splits),
+        lambda *a: decode_attention_pallas(*a, scale=0.1, blocks=BlockSizes(block_size, num_splits, 4, 2),
+                                           backend=backend, interpret=False),
+    )
+
+
+def _lightning_calls(block_size, backend):
+    """As _decode_calls for the Lightning kernel (T 256: enough for the block shapes to be checked)."""
+    return (
+        _lightning_args(BF16, T=256),
+        lambda q, k, v, s: lightning_attention(q, k, v, LIGHTNING_DECAY, initial_state_BHDE=s,
+                                               implementation="pallas", block_size=block_size),
+        lambda q, k, v, s: lightning_kernel.pallas_attention(q, k, v, LIGHTNING_DECAY, s, block_size=block_size,
+                                                             backend=backend, interpret=False),
+    )
+
+
+# Negative controls: (target, args, the public call with a block the backend rejects, the kernel itself with that
+# block and no decodelab check, what Pallas says when lowering it). 683 splits of 12 positions make Mosaic see
+# (12, 128) K/V blocks.
 REJECTED_BLOCKS = {
-    "decode attention, Triton": (
-        "cuda", DECODE_ARGS, lambda *a: decode_attention(*a, block_size=24),
-        lambda *a: decode_attention_pallas(*a, scale=0.1, blocks=BlockSizes(24, 8, 4, 2), backend="gpu",
-                                           interpret=False),
-        "power of 2",
-    ),
-    "decode attention, Mosaic": (
-        "tpu", DECODE_ARGS, lambda *a: decode_attention(*a, block_size=12, num_splits=683),
-        lambda *a: decode_attention_pallas(*a, scale=0.1, blocks=BlockSizes(12, 683), backend="tpu",
-                                           interpret=False),
-        "divisible by 8",
-    ),
-    "lightning attention, Triton": (
-        "cuda", _lightning_args(BF16, T=256), lambda q, k, v, s: lightning_attention(
-            q, k, v, LIGHTNING_DECAY, initial_state_BHDE=s, implementation="pallas", block_size=24),
-        lambda q, k, v, s: lightning_kernel.pallas_attention(
-            q, k, v, LIGHTNING_DECAY, s, block_size=24, backend="gpu", interpret=False),
-        "power of 2",
-    ),
-    "lightning attention, Mosaic": (
-        "tpu", _lightning_args(BF16, T=256), lambda q, k, v, s: lightning_attention(
-            q, k, v, LIGHTNING_DECAY, initial_state_BHDE=s, implementation="pallas", block_size=12),
-        lambda q, k, v, s: lightning_kernel.pallas_attention(
-            q, k, v, LIGHTNING_DECAY, s, block_size=12, backend="tpu", interpret=False),
-        "divisible by 8",
-    ),
+    "decode attention, Triton": ("cuda", *_decode_calls(24, 8, "gpu"), "power of 2"),
+    "decode attention, Mosaic": ("tpu", *_decode_calls(12, 683, "tpu"), "divisible by 8"),
+    "lightning attention, Triton": ("cuda", *_lightning_calls(24, "gpu"), "power of 2"),
+    "lightning attention, Mosaic": ("tpu", *_lightning_calls(12, "tpu"), "divisible by 8"),
 }
 
 
