@@ -8,13 +8,14 @@ import setuptools
 setuptools.setup(
     name="decodelab",
     version="0.1.0",
+    # Tested at both ends: Python 3.11 with jax 0.10.2, Python 3.12 with jax 0.12.0.1 (README, "Supported versions").
     python_requires=">=3.11",
     packages=setuptools.find_packages(
         include=["configs*", "errors*", "evaluators*", "models*", "samplers*", "pallas_kernels*", "data*",
                  "parallel*", "shapes*", "checkpoints*", "metrics*", "tools*", "benchmarks*"]),
     py_modules=["train", "evaluate"],
     install_requires=[
-        "jax>=0.10",
+        "jax>=0.10,<0.13",
         "flax>=0.12",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",

@@ -5,10 +5,9 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-from jax import export
 
 from errors import InputError
-from pallas_kernels.decode_attention import decode_attention, decode_attention_pallas
+from pallas_kernels.decode_attention import BlockSizes, decode_attention, decode_attention_pallas
 
 # fp32: XLA:CPU interpret is exact fp32 and the kernel asks for IEEE matmuls; only summation order differs.
 FP32_TOL = 1e-5
@@ -31,10 +30,14 @@ def _ragged(cache_len):
 
 
 def _pallas(q_BNH, k_BKSH, v_BKSH, lengths_B, *, backend, block_size, num_splits=None):
-    scale = q_BNH.shape[-1] ** -0.5
+    """Either wrapper in interpret mode (the dispatcher picks the GPU one on CPU)."""
+    batch, kv_heads, cache_len, head_dim = k_BKSH.shape
+    blocks = BlockSizes(block_size, num_splits).resolve(
+        backend, compiled=False, programs=batch * kv_heads, cache_len=cache_len, head_dim=head_dim,
+        itemsize=k_BKSH.dtype.itemsize,
+    )
     return decode_attention_pallas(
-        q_BNH, k_BKSH, v_BKSH, lengths_B,
-        scale=scale, block_size=block_size, num_splits=num_splits, backend=backend, interpret=True,
+        q_BNH, k_BKSH, v_BKSH, lengths_B, scale=head_dim**-0.5, blocks=blocks, backend=backend, interpret=True
     )
 
 
@@ -108,32 +111,11 @@ def test_cache_past_length_has_no_influence(implementation, fill):
 
 
 def test_default_dispatch_under_jit():
-    # Defaults: implementation="pallas", block_size=256 (capped to the cache), interpret on CPU, traced lengths.
+    # Defaults: implementation="pallas", the GPU block (capped to the cache), interpret on CPU, traced lengths.
     q_BNH, k_BKSH, v_BKSH, lengths_B = _inputs(_ragged(24), 2, 2, 24, 16)
     o_BNH = jax.jit(decode_attention)(q_BNH, k_BKSH, v_BKSH, lengths_B)
     ref_BNH = decode_attention(q_BNH, k_BKSH, v_BKSH, lengths_B, implementation="reference")
     np.testing.assert_allclose(o_BNH, ref_BNH, atol=FP32_TOL, rtol=FP32_TOL)
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_gpu_wrapper_lowers_to_triton(dtype):
-    # No GPU here: lowering for CUDA still runs the Triton checks (power-of-two tensors, dot sizes, block specs).
-    # Shapes of a 1B Llama decode step: 8 kv heads, group 4, head_dim 64, cache 1000 (not a block multiple).
-    args = (
-        jax.ShapeDtypeStruct((1, 32, 64), dtype),
-        jax.ShapeDtypeStruct((1, 8, 1000, 64), dtype),
-        jax.ShapeDtypeStruct((1, 8, 1000, 64), dtype),
-        jax.ShapeDtypeStruct((1,), jnp.int32),
-    )
-    kernel = jax.jit(
-        lambda q, k, v, lengths: decode_attention_pallas(
-            q, k, v, lengths, scale=0.125, block_size=256, num_splits=None, backend="gpu", interpret=False
-        )
-    )
-    triton_call = "__gpu$xla.gpu.triton"
-    allow_triton = [export.DisabledSafetyCheck.custom_call(triton_call)]
-    exported = export.export(kernel, platforms=["cuda"], disabled_checks=allow_triton)(*args)
-    assert triton_call in exported.mlir_module()
 
 
 def _bad(**overrides):
@@ -157,11 +139,75 @@ def _bad(**overrides):
         (_bad(q_BNH=jnp.zeros((2, 3, 8))), {}, r"num_heads=3 .*kv_heads=2"),
         (_bad(lengths_B=jnp.zeros((2, 1), jnp.int32)), {}, r"lengths_B shape \(2, 1\)"),
         (_bad(), {"block_size": 0}, r"block_size=0"),
-        (_bad(), {"block_size": 20}, r"block_size=20"),
+        (_bad(), {"block_size": 20}, r"block_size=20; expected a multiple of 8"),
         (_bad(), {"num_splits": 0}, r"num_splits=0"),
+        (_bad(), {"num_warps": -4}, r"num_warps=-4"),
+        (_bad(), {"num_stages": 1.5}, r"num_stages=1.5"),
         (_bad(), {"implementation": "cudnn"}, r"implementation='cudnn'"),
+        (_bad(), {"interpret": False}, r"interpret=False needs a GPU or TPU"),
     ],
 )
-def test_bad_inputs_raise_input_error(args, kwargs, match):
-    with pytest.raises(InputError, match=match):
+def test_bad_inputs_raise_one_line_input_error(args, kwargs, match):
+    with pytest.raises(InputError, match=match) as info:
         decode_attention(**args, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def _resolve(backend, *, compiled=True, head_dim=128, itemsize=2, cache_len=8192, programs=64, **requested):
+    return BlockSizes(**requested).resolve(
+        backend, compiled=compiled, programs=programs, cache_len=cache_len, head_dim=head_dim, itemsize=itemsize
+    )
+
+
+def test_block_size_defaults_per_backend():
+    # GPU: JAX's decode tiling (block 128, 4 warps, 2 stages) for bf16 at head_dim 128; float32 K/V buffers are
+    # twice as large, so the block halves to keep them at 128 KiB. 64 programs -> 264 / 64 = 5 splits.
+    assert _resolve("gpu") == BlockSizes(block_size=128, num_splits=5, num_warps=4, num_stages=2)
+    assert _resolve("gpu", itemsize=4).block_size == 64
+    assert _resolve("gpu", head_dim=64, itemsize=4).block_size == 128
+    # TPU: lane-dense 256-position steps, splits of at most 2048 positions; no Triton parameters.
+    assert _resolve("tpu") == BlockSizes(block_size=256, num_splits=4, num_warps=None, num_stages=None)
+    # A short cache caps the block (a power of two on GPU, a multiple of 8 on TPU).
+    assert _resolve("gpu", cache_len=37).block_size == 64
+    assert _resolve("tpu", cache_len=37).block_size == 40
+
+
+def test_block_sizes_resolve_num_splits_exactly():
+    # 8192 / 128 = 64 blocks in 5 requested splits -> 13 blocks per split -> 5 splits, the last with 12.
+    blocks = _resolve("gpu", num_splits=5)
+    assert (blocks.num_splits, blocks.split_blocks(8192)) == (5, 13)
+    # More splits than blocks: one block each.
+    blocks = _resolve("gpu", cache_len=256, num_splits=100)
+    assert (blocks.num_splits, blocks.split_blocks(256)) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "backend,call,match",
+    [
+        # The old default tile: 2 stages * (K + V) * 256 * 128 * 2 bytes = 256 KiB > 227 KiB.
+        ("gpu", dict(block_size=256), r"block_size=256 with num_stages=2 needs 256 KiB .* 227 KiB"),
+        ("gpu", dict(block_size=128, num_stages=4), r"block_size=128 with num_stages=4 needs 256 KiB"),
+        ("gpu", dict(block_size=128, itemsize=4), r"block_size=128 with num_stages=2 needs 256 KiB"),
+        # One split of a 32768-position bf16 cache: 2 (K, V) * 2 buffers * 32768 * 128 * 2 bytes = 32 MiB.
+        ("tpu", dict(num_splits=1, cache_len=32768), r"num_splits=1 gives splits of 32768 positions .* 32768 KiB"),
+        ("gpu", dict(block_size=24), r"block_size=24; expected a power of two >= 16 on GPU \(Triton\)"),
+        ("gpu", dict(num_warps=3), r"num_warps=3; expected a power of two on GPU"),
+        ("tpu", dict(block_size=12), r"block_size=12; expected a multiple of 8 \(TPU sublanes\)"),
+    ],
+)
+def test_tiles_over_the_backend_memory_are_refused(backend, call, match):
+    with pytest.raises(InputError, match=match) as info:
+        _resolve(backend, **call)
+    assert "\n" not in str(info.value)
+
+
+def test_tiles_within_the_backend_memory_resolve():
+    assert _resolve("gpu", block_size=128, num_stages=3).num_stages == 3  # 192 KiB
+    assert _resolve("tpu", num_splits=1).num_splits == 1  # 8192 positions in bf16: 16 MiB
+
+
+def test_interpret_mode_needs_only_multiples_of_8():
+    # What only Triton or a GPU's shared memory would refuse runs interpreted (e.g. on CPU, where tests use it).
+    assert _resolve("gpu", compiled=False, block_size=24).block_size == 24
+    assert _resolve("gpu", compiled=False, block_size=256).block_size == 256
+    assert _resolve("tpu", compiled=False, num_splits=1, cache_len=32768).num_splits == 1

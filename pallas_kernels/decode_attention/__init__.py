@@ -1,17 +1,19 @@
 """Decode attention over a KV cache with ragged lengths: validation and dispatch to the Pallas kernel or reference."""
 
+import functools
 import math
 
-import jax
-
 from errors import InputError
+from pallas_kernels.backend import kernel_backend
+from pallas_kernels.decode_attention.block_sizes import BlockSizes
 from pallas_kernels.decode_attention.kernel import decode_attention_pallas
 from pallas_kernels.decode_attention.reference import decode_attention_reference
+from pallas_kernels.sharding import KernelSharding
 
 IMPLEMENTATIONS = ("reference", "pallas")
 
 
-def _validate(q_BNH, k_BKSH, v_BKSH, lengths_B, implementation, block_size, num_splits):
+def _validate(q_BNH, k_BKSH, v_BKSH, lengths_B, implementation):
     if implementation not in IMPLEMENTATIONS:
         raise InputError(f"decode_attention: implementation={implementation!r}; expected one of {IMPLEMENTATIONS}")
     if q_BNH.ndim != 3:
@@ -37,37 +39,42 @@ def _validate(q_BNH, k_BKSH, v_BKSH, lengths_B, implementation, block_size, num_
         )
     if lengths_B.shape != (batch,):
         raise InputError(f"decode_attention: lengths_B shape {lengths_B.shape} != (batch,) = ({batch},)")
-    if not isinstance(block_size, int) or block_size <= 0 or block_size % 8:
-        raise InputError(f"decode_attention: block_size={block_size!r}; expected a positive multiple of 8")
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits <= 0):
-        raise InputError(f"decode_attention: num_splits={num_splits!r}; expected a positive int or None")
 
 
 def decode_attention(
-    q_BNH, k_BKSH, v_BKSH, lengths_B, *, scale=None, implementation="pallas", block_size=256, num_splits=None,
-    interpret=None,
+    q_BNH, k_BKSH, v_BKSH, lengths_B, *, scale=None, implementation="pallas", block_size=None, num_splits=None,
+    interpret=None, num_warps=None, num_stages=None, sharding: KernelSharding | None = None,
 ):
     """Attention of one decode step's queries q [B, N, H] over the cache k/v [B, K, S, H] -> o [B, N, H].
 
     N = K * group (query head n reads kv head n // group); sequence b attends to positions [0, lengths_B[b]) and
     gets zeros if its length is 0. scale=None means 1/sqrt(H). Accumulates in fp32; the output has q's dtype.
-    implementation: "pallas" (flash-decoding kernel) or "reference" (plain jnp). block_size: cache positions per
-    kernel step; num_splits: splits of the cache per (sequence, kv head), None = chosen by backend.
-    interpret=None runs the kernel in interpret mode on CPU and compiled on GPU/TPU.
+    implementation: "pallas" (flash-decoding kernel) or "reference" (plain jnp). block_size, num_splits,
+    num_warps, num_stages: the kernel's tiling (see block_sizes.BlockSizes), None = the backend's default.
+    interpret=None runs the kernel in interpret mode on CPU and compiled on GPU/TPU (see pallas_kernels.backend).
+    sharding: mesh axes the batch and head dims are split over; the call then runs per shard under shard_map.
     """
-    _validate(q_BNH, k_BKSH, v_BKSH, lengths_B, implementation, block_size, num_splits)
+    _validate(q_BNH, k_BKSH, v_BKSH, lengths_B, implementation)
     scale = 1.0 / math.sqrt(q_BNH.shape[-1]) if scale is None else float(scale)
     if implementation == "reference":
-        return decode_attention_reference(q_BNH, k_BKSH, v_BKSH, lengths_B, scale=scale)
-    platform = jax.default_backend()
-    return decode_attention_pallas(
-        q_BNH, k_BKSH, v_BKSH, lengths_B,
-        scale=scale,
-        block_size=block_size,
-        num_splits=num_splits,
-        backend="tpu" if platform == "tpu" else "gpu",
-        interpret=platform == "cpu" if interpret is None else interpret,
-    )
+        attend = functools.partial(decode_attention_reference, scale=scale)
+    else:
+        backend, interpret = kernel_backend(interpret, caller="decode_attention")
+        requested = BlockSizes(block_size, num_splits, num_warps, num_stages)
+
+        def attend(q, k, v, lengths):
+            # Resolved on this call's (per-shard) shapes: the default num_splits fills the chip per device.
+            blocks = requested.resolve(
+                backend, compiled=not interpret, programs=q.shape[0] * k.shape[1], cache_len=k.shape[2],
+                head_dim=k.shape[3], itemsize=k.dtype.itemsize,
+            )
+            return decode_attention_pallas(q, k, v, lengths, scale=scale, blocks=blocks, backend=backend,
+                                           interpret=interpret)
+
+    if sharding is None:
+        return attend(q_BNH, k_BKSH, v_BKSH, lengths_B)
+    inputs = dict(q_BNH=(q_BNH, "bh."), k_BKSH=(k_BKSH, "bh.."), v_BKSH=(v_BKSH, "bh.."), lengths_B=(lengths_B, "b"))
+    return sharding.run(attend, inputs, "bh.", caller="decode_attention")
 
 
-__all__ = ["IMPLEMENTATIONS", "decode_attention", "decode_attention_pallas", "decode_attention_reference"]
+__all__ = ["IMPLEMENTATIONS", "BlockSizes", "decode_attention", "decode_attention_pallas", "decode_attention_reference"]

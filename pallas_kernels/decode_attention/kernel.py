@@ -15,7 +15,7 @@ built to stream each needed K and V element from memory exactly once:
 The kernel body is shared. The GPU wrapper (Triton lowering: refs point at HBM, loads happen inside the loop)
 and the TPU wrapper (Mosaic: lengths scalar-prefetched into SMEM, a split's K/V DMA'd to VMEM, splits past the
 length re-use the last needed block index so the pipeline issues no DMA for them) differ only in padding, grid
-spec and compiler params. On CPU either runs in interpret mode.
+spec and compiler params. On CPU either runs in interpret mode. The tiling comes from block_sizes.py.
 """
 
 import functools
@@ -26,16 +26,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-# Two resident programs per H100 SM (132 SMs), so a batch-1 decode still fills the GPU.
-_GPU_TARGET_PROGRAMS = 264
-# One TPU split's double-buffered K and V (4 * 2048 * head_dim * 2 bytes) stay far below the scoped VMEM limit.
-_TPU_MAX_SPLIT_POSITIONS = 2048
+from pallas_kernels.backend import triton_width
+
 # TPU stores m and l lane-dense as [G, 128]; GPU stores them as [G, 1].
 _TPU_LANES = 128
 
 
 def _attend_split(length, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale, block, blocks_per_split):
-    """Online softmax of q_ref [G, H] over this split's blocks of k_ref/v_ref [split_len, H] below `length`."""
+    """Online softmax of q_ref [G, H] over this split's blocks of k_ref/v_ref [split_len, H] below `length`.
+
+    Row statistics stay 2-D [G, 1] (Mosaic lays out vectors in 2-D tiles; Triton is indifferent)."""
     split_start = pl.program_id(2) * blocks_per_split * block
     # Only blocks holding a position below the length are visited; the rest are skipped, never loaded.
     num_blocks = jnp.clip((length - split_start + block - 1) // block, 0, blocks_per_split)
@@ -45,7 +45,7 @@ def _attend_split(length, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale, bl
     precision = jax.lax.Precision.HIGHEST if q_GH.dtype == jnp.float32 else None
 
     def visit_block(j, carry):
-        m_G, l_G, acc_GH = carry
+        m_G1, l_G1, acc_GH = carry
         start = pl.multiple_of(j * block, block)
         k_TH = k_ref[pl.ds(start, block), :]
         v_TH = v_ref[pl.ds(start, block), :]
@@ -58,25 +58,25 @@ def _attend_split(length, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale, bl
         pos_T1 = split_start + start + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
         v_TH = jnp.where(pos_T1 < length, v_TH, jnp.zeros_like(v_TH))
         # Every visited block has a valid position, so m_new is finite and exp never sees inf - inf.
-        m_new_G = jnp.maximum(m_G, jnp.max(s_GT, axis=1))
-        alpha_G = jnp.exp(m_G - m_new_G)
-        p_GT = jnp.exp(s_GT - m_new_G[:, None])
-        l_new_G = alpha_G * l_G + jnp.sum(p_GT, axis=1)
+        m_new_G1 = jnp.maximum(m_G1, jnp.max(s_GT, axis=1, keepdims=True))
+        alpha_G1 = jnp.exp(m_G1 - m_new_G1)
+        p_GT = jnp.exp(s_GT - m_new_G1)
+        l_new_G1 = alpha_G1 * l_G1 + jnp.sum(p_GT, axis=1, keepdims=True)
         pv_GH = jax.lax.dot_general(
             p_GT.astype(v_TH.dtype), v_TH, (((1,), (0,)), ((), ())),
             precision=precision, preferred_element_type=jnp.float32,
         )
-        return m_new_G, l_new_G, alpha_G[:, None] * acc_GH + pv_GH
+        return m_new_G1, l_new_G1, alpha_G1 * acc_GH + pv_GH
 
     init = (
-        jnp.full((group,), -jnp.inf, jnp.float32),
-        jnp.zeros((group,), jnp.float32),
+        jnp.full((group, 1), -jnp.inf, jnp.float32),
+        jnp.zeros((group, 1), jnp.float32),
         jnp.zeros(q_GH.shape, jnp.float32),
     )
-    m_G, l_G, acc_GH = jax.lax.fori_loop(0, num_blocks, visit_block, init)
+    m_G1, l_G1, acc_GH = jax.lax.fori_loop(0, num_blocks, visit_block, init)
     o_ref[...] = acc_GH
-    m_ref[...] = jnp.broadcast_to(m_G[:, None], m_ref.shape)
-    l_ref[...] = jnp.broadcast_to(l_G[:, None], l_ref.shape)
+    m_ref[...] = jnp.broadcast_to(m_G1, m_ref.shape)
+    l_ref[...] = jnp.broadcast_to(l_G1, l_ref.shape)
 
 
 def _gpu_kernel(length_ref, *refs, **static):
@@ -87,25 +87,28 @@ def _tpu_kernel(lengths_ref, *refs, **static):
     _attend_split(lengths_ref[pl.program_id(0)], *refs, **static)
 
 
-def _next_pow2(n):
-    return 1 << (n - 1).bit_length()
-
-
-def _round_up(n, m):
-    return pl.cdiv(n, m) * m
-
-
-def _gpu_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, *, static, num_splits, split_len, interpret):
+def _partials_shapes(q_BKGH, num_splits, stats_width):
     batch, kv_heads, group, head_dim = q_BKGH.shape
-    out_shape = [
-        jax.ShapeDtypeStruct((batch, kv_heads, num_splits, group, head_dim), jnp.float32),
-        jax.ShapeDtypeStruct((batch, kv_heads, num_splits, group, 1), jnp.float32),
-        jax.ShapeDtypeStruct((batch, kv_heads, num_splits, group, 1), jnp.float32),
-    ]
+    stats = jax.ShapeDtypeStruct((batch, kv_heads, num_splits, group, stats_width), jnp.float32)
+    return [jax.ShapeDtypeStruct((batch, kv_heads, num_splits, group, head_dim), jnp.float32), stats, stats]
+
+
+def _cost(q_BKGH, k_BKSH, out_shape):
+    """Upper bound (every position valid): q·kᵀ and p·v, one exp per score, the cache read once."""
+    batch, kv_heads, group, head_dim = q_BKGH.shape
+    scores = batch * kv_heads * group * k_BKSH.shape[2]
+    read = (q_BKGH.size + 2 * k_BKSH.size) * k_BKSH.dtype.itemsize
+    written = sum(s.size * 4 for s in out_shape)
+    return pl.CostEstimate(flops=4 * scores * head_dim, transcendentals=scores, bytes_accessed=read + written)
+
+
+def _gpu_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, *, static, blocks, split_len, interpret):
+    batch, kv_heads, group, head_dim = q_BKGH.shape
+    out_shape = _partials_shapes(q_BKGH, blocks.num_splits, 1)
     kv_spec = pl.BlockSpec((None, None, split_len, head_dim), lambda b, h, s: (b, h, s, 0))
     return pl.pallas_call(
         functools.partial(_gpu_kernel, **static),
-        grid=(batch, kv_heads, num_splits),
+        grid=(batch, kv_heads, blocks.num_splits),
         in_specs=[
             pl.BlockSpec((1,), lambda b, h, s: (b,)),
             pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0)),
@@ -118,19 +121,16 @@ def _gpu_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, *, static, num_splits, spli
             pl.BlockSpec((None, None, None, group, 1), lambda b, h, s: (b, h, s, 0, 0)),
         ],
         out_shape=out_shape,
-        compiler_params=pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2),
+        compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
+        cost_estimate=_cost(q_BKGH, k_BKSH, out_shape),
+        name="decode_attention_partials",
     )(lengths_B, q_BKGH, k_BKSH, v_BKSH)
 
 
-def _tpu_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, *, static, num_splits, split_len, interpret):
+def _tpu_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, *, static, blocks, split_len, interpret):
     batch, kv_heads, group, head_dim = q_BKGH.shape
-    stats_shape = (batch, kv_heads, num_splits, group, _TPU_LANES)
-    out_shape = [
-        jax.ShapeDtypeStruct((batch, kv_heads, num_splits, group, head_dim), jnp.float32),
-        jax.ShapeDtypeStruct(stats_shape, jnp.float32),
-        jax.ShapeDtypeStruct(stats_shape, jnp.float32),
-    ]
+    out_shape = _partials_shapes(q_BKGH, blocks.num_splits, _TPU_LANES)
 
     def kv_index(b, h, s, lengths_ref):
         # A split past the length maps to the last needed split: an unchanged block index means no new DMA.
@@ -140,7 +140,7 @@ def _tpu_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, *, static, num_splits, spli
     kv_spec = pl.BlockSpec((None, None, split_len, head_dim), kv_index)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
-        grid=(batch, kv_heads, num_splits),
+        grid=(batch, kv_heads, blocks.num_splits),
         in_specs=[
             pl.BlockSpec((None, None, group, head_dim), lambda b, h, s, lengths_ref: (b, h, 0, 0)),
             kv_spec,
@@ -158,12 +158,16 @@ def _tpu_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, *, static, num_splits, spli
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
         interpret=interpret,
+        cost_estimate=_cost(q_BKGH, k_BKSH, out_shape),
+        name="decode_attention_partials",
     )(lengths_B, q_BKGH, k_BKSH, v_BKSH)
 
 
 def _combine(o_BKPGH, m_BKPG, l_BKPG):
     """Log-sum-exp merge of per-split partials over axis P; a sequence with no valid position gets zeros."""
-    m_BKG = jnp.max(m_BKPG, axis=2)
+    # JAX's own flash-decoding combine (pallas/ops/gpu/decode_attention.py, b/389925439) needs this barrier: without
+    # it XLA's fusion of the max into the rescaling produced NaNs and invalid values after GPU compilation.
+    m_BKG = jax.lax.optimization_barrier(jnp.max(m_BKPG, axis=2))
     # All splits empty (length 0) leaves m = -inf; shift by 0 so the weights are exp(-inf) = 0, not NaN.
     w_BKPG = jnp.exp(m_BKPG - jnp.where(jnp.isfinite(m_BKG), m_BKG, 0.0)[:, :, None])
     l_BKG = jnp.sum(w_BKPG * l_BKPG, axis=2)
@@ -171,51 +175,41 @@ def _combine(o_BKPGH, m_BKPG, l_BKPG):
     return o_BKGH / jnp.where(l_BKG == 0.0, 1.0, l_BKG)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_size", "num_splits", "backend", "interpret"))
-def decode_attention_pallas(q_BNH, k_BKSH, v_BKSH, lengths_B, *, scale, block_size, num_splits, backend, interpret):
+@functools.partial(jax.jit, static_argnames=("scale", "blocks", "backend", "interpret"))
+def decode_attention_pallas(q_BNH, k_BKSH, v_BKSH, lengths_B, *, scale, blocks, backend, interpret):
     """Flash-decoding of q [B, N, H] over k/v [B, K, S, H]; backend "gpu" or "tpu" picks the wrapper.
 
-    Inputs are assumed validated (see decode_attention). num_splits=None picks enough splits to fill a GPU, or
-    splits of at most 2048 positions on TPU; it is capped at the number of blocks.
+    Inputs are assumed validated and `blocks` resolved for the backend and these shapes (BlockSizes.resolve, as
+    decode_attention does): nothing here checks them.
     """
     batch, num_heads, head_dim = q_BNH.shape
     kv_heads, cache_len = k_BKSH.shape[1], k_BKSH.shape[2]
     group = num_heads // kv_heads
     # Lengths past the cache would count padding as valid; negative lengths mean empty.
     lengths_B = jnp.clip(lengths_B.astype(jnp.int32), 0, cache_len)
-    block = min(block_size, _round_up(cache_len, 8))
     if backend == "gpu":
         # Triton needs power-of-two tensor sizes and dot operands of at least 16 along every dim. Padding q is
         # cheap; padding K/V copies the cache, which never happens for head_dim 64/128 and cache_len a multiple
         # of block_size (how the model allocates it). Loads past S would read out of bounds, so S is padded too.
-        block = max(16, _next_pow2(block))
-        group_pad, head_pad = max(16, _next_pow2(group)), max(16, _next_pow2(head_dim))
-        cache_pad = _round_up(cache_len, block)
+        group_pad, head_pad = triton_width(group), triton_width(head_dim)
+        cache_pad = pl.cdiv(cache_len, blocks.block_size) * blocks.block_size
     else:
         # Mosaic takes full-size trailing block dims, rows padded to the 8 sublanes; a partial last split is
         # padded by the pipeline and masked by the length, so the cache is never copied.
-        group_pad, head_pad, cache_pad = _round_up(group, 8), head_dim, cache_len
+        group_pad, head_pad, cache_pad = pl.cdiv(group, 8) * 8, head_dim, cache_len
     q_BKGH = q_BNH.reshape(batch, kv_heads, group, head_dim)
     q_BKGH = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, group_pad - group), (0, head_pad - head_dim)))
     kv_pad = ((0, 0), (0, 0), (0, cache_pad - cache_len), (0, head_pad - head_dim))
     if kv_pad != ((0, 0),) * 4:
         k_BKSH, v_BKSH = jnp.pad(k_BKSH, kv_pad), jnp.pad(v_BKSH, kv_pad)
 
-    total_blocks = pl.cdiv(cache_pad, block)
-    if num_splits is None:
-        if backend == "gpu":
-            num_splits = pl.cdiv(_GPU_TARGET_PROGRAMS, batch * kv_heads)
-        else:
-            num_splits = pl.cdiv(cache_pad, _TPU_MAX_SPLIT_POSITIONS)
-    blocks_per_split = pl.cdiv(total_blocks, min(num_splits, total_blocks))
-    num_splits = pl.cdiv(total_blocks, blocks_per_split)
-
+    blocks_per_split = blocks.split_blocks(cache_len)
     partials = _gpu_partials if backend == "gpu" else _tpu_partials
     o_BKPGH, m_BKPG1, l_BKPG1 = partials(
         q_BKGH, k_BKSH, v_BKSH, lengths_B,
-        static=dict(scale=scale, block=block, blocks_per_split=blocks_per_split),
-        num_splits=num_splits,
-        split_len=blocks_per_split * block,
+        static=dict(scale=scale, block=blocks.block_size, blocks_per_split=blocks_per_split),
+        blocks=blocks,
+        split_len=blocks_per_split * blocks.block_size,
         interpret=interpret,
     )
     o_BKGH = _combine(o_BKPGH, m_BKPG1[..., 0], l_BKPG1[..., 0])

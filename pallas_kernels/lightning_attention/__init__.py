@@ -8,25 +8,20 @@ Implementations: "reference" (quadratic masked-decay matrix), "recurrent" (token
 the fallback and the fast CPU path) and "pallas" (kernels in kernel.py; interpret mode on CPU).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from errors import InputError
+from pallas_kernels.backend import kernel_backend
 from pallas_kernels.lightning_attention import chunked, kernel, reference
+from pallas_kernels.sharding import KernelSharding
 
 IMPLEMENTATIONS = ("reference", "recurrent", "chunked", "pallas")
 DECODE_IMPLEMENTATIONS = ("jnp", "pallas")
 _DTYPES = (jnp.float32, jnp.bfloat16)
-
-
-def _kernel_backend(interpret):
-    """Which wrapper to use ("tpu" or "gpu"; CPU runs the gpu wrapper in interpret mode) and the interpret flag."""
-    platform = jax.default_backend()
-    interpret = platform == "cpu" if interpret is None else bool(interpret)
-    if platform == "cpu" and not interpret:
-        raise InputError("interpret=False needs a GPU or TPU; on CPU Pallas kernels run only with interpret=True")
-    return ("tpu" if platform == "tpu" else "gpu"), interpret
 
 
 def _check_decay(decay_H, num_heads):
@@ -48,7 +43,7 @@ def _check_block_size(block_size, implementation, interpret):
         raise InputError(f"block_size must be a positive int, got {block_size!r}")
     if implementation == "chunked":
         return None
-    backend, interpret = _kernel_backend(interpret)
+    backend, interpret = kernel_backend(interpret, caller="lightning_attention")
     if block_size % 8:
         raise InputError(f"block_size={block_size} must be a multiple of 8 for the pallas kernel (TPU sublane tiling)")
     if backend == "gpu" and not interpret and (block_size < 16 or block_size & (block_size - 1)):
@@ -86,39 +81,49 @@ def _check_inputs(q_BTHD, k_BTHD, v_BTHE, decay_H, initial_state_BHDE):
 
 def lightning_attention(
     q_BTHD, k_BTHD, v_BTHE, decay_H, *, initial_state_BHDE=None, implementation="chunked", block_size=64,
-    interpret=None,
+    interpret=None, sharding: KernelSharding | None = None,
 ):
     """Causal decayed linear attention over a sequence; returns (o_BTHE, final_state_BHDE).
 
     decay_H: rates in (0, 1], float32 [H]. initial_state_BHDE continues from an earlier prefix (zeros if None);
     the final state feeds `lightning_decode_step`. block_size: tokens per block ("chunked", "pallas"); T need
-    not be a multiple. interpret (pallas only): None = interpret on CPU, compile on GPU/TPU. Differentiable in
+    not be a multiple. interpret (pallas only): None = interpret on CPU, compile on GPU/TPU. sharding: mesh axes
+    the batch and head dims are split over; the call then runs per shard under shard_map. Differentiable in
     q, k, v and the initial state for every implementation; "pallas" gives decay_H a zero gradient.
     """
     if implementation not in IMPLEMENTATIONS:
         raise InputError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     state_shape = _check_inputs(q_BTHD, k_BTHD, v_BTHE, decay_H, initial_state_BHDE)
-    kernel_backend = _check_block_size(block_size, implementation, interpret)
+    backend_and_interpret = _check_block_size(block_size, implementation, interpret)
     decay_H = jnp.asarray(decay_H, jnp.float32)
     if initial_state_BHDE is None:
         initial_state_BHDE = jnp.zeros(state_shape, jnp.float32)
     if implementation == "reference":
-        return reference.quadratic(q_BTHD, k_BTHD, v_BTHE, decay_H, initial_state_BHDE)
-    if implementation == "recurrent":
-        return reference.recurrent(q_BTHD, k_BTHD, v_BTHE, decay_H, initial_state_BHDE)
-    if implementation == "chunked":
-        return chunked.chunked(q_BTHD, k_BTHD, v_BTHE, decay_H, initial_state_BHDE, block_size=int(block_size))
-    backend, interpret = kernel_backend
-    return kernel.pallas_attention(
-        q_BTHD, k_BTHD, v_BTHE, decay_H, initial_state_BHDE,
-        block_size=int(block_size), backend=backend, interpret=interpret,
-    )
+        attend = reference.quadratic
+    elif implementation == "recurrent":
+        attend = reference.recurrent
+    elif implementation == "chunked":
+        attend = functools.partial(chunked.chunked, block_size=int(block_size))
+    else:
+        backend, interpret = backend_and_interpret
+        attend = functools.partial(
+            kernel.pallas_attention, block_size=int(block_size), backend=backend, interpret=interpret
+        )
+    if sharding is None:
+        return attend(q_BTHD, k_BTHD, v_BTHE, decay_H, initial_state_BHDE)
+    inputs = dict(q_BTHD=(q_BTHD, "b.h."), k_BTHD=(k_BTHD, "b.h."), v_BTHE=(v_BTHE, "b.h."), decay_H=(decay_H, "h"),
+                  initial_state_BHDE=(initial_state_BHDE, "bh.."))
+    return sharding.run(attend, inputs, ("b.h.", "bh.."), caller="lightning_attention")
 
 
-def lightning_decode_step(q_BHD, k_BHD, v_BHE, decay_H, state_BHDE, *, implementation="jnp", interpret=None):
+def lightning_decode_step(
+    q_BHD, k_BHD, v_BHE, decay_H, state_BHDE, *, implementation="jnp", interpret=None,
+    sharding: KernelSharding | None = None,
+):
     """One generated token: returns (o_BHE in the input dtype, new_state_BHDE float32).
 
     "jnp" is a fused elementwise update XLA handles well; "pallas" is the same step as a kernel (grid B x H).
+    sharding as in `lightning_attention`.
     """
     if implementation not in DECODE_IMPLEMENTATIONS:
         raise InputError(f"implementation must be one of {DECODE_IMPLEMENTATIONS}, got {implementation!r}")
@@ -129,10 +134,14 @@ def lightning_decode_step(q_BHD, k_BHD, v_BHE, decay_H, state_BHDE, *, implement
     _check_decay(decay_H, H)
     if tuple(state_BHDE.shape) != (B, H, D, v_BHE.shape[2]):
         raise InputError(f"state_BHDE must have shape {(B, H, D, v_BHE.shape[2])}, got {tuple(state_BHDE.shape)}")
-    if implementation == "jnp":
-        return reference.decode_step(q_BHD, k_BHD, v_BHE, jnp.asarray(decay_H, jnp.float32), state_BHDE)
-    backend, interpret = _kernel_backend(interpret)
     decay_H = jnp.asarray(decay_H, jnp.float32)
-    return kernel.pallas_decode_step(
-        q_BHD, k_BHD, v_BHE, decay_H, state_BHDE, backend=backend, interpret=interpret
-    )
+    if implementation == "jnp":
+        step = reference.decode_step
+    else:
+        backend, interpret = kernel_backend(interpret, caller="lightning_decode_step")
+        step = functools.partial(kernel.pallas_decode_step, backend=backend, interpret=interpret)
+    if sharding is None:
+        return step(q_BHD, k_BHD, v_BHE, decay_H, state_BHDE)
+    inputs = dict(q_BHD=(q_BHD, "bh."), k_BHD=(k_BHD, "bh."), v_BHE=(v_BHE, "bh."), decay_H=(decay_H, "h"),
+                  state_BHDE=(state_BHDE, "bh.."))
+    return sharding.run(step, inputs, ("bh.", "bh.."), caller="lightning_decode_step")

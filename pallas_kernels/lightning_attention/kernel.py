@@ -12,10 +12,12 @@ wrappers that differ only in how blocks are walked in order, because grids run d
     scratch, so each step holds one block in VMEM whatever T is (Mosaic TPU). Layout [B, H, T, D] so a block's
     last two dims are (block_size, D), which Mosaic accepts for block_size a multiple of 8.
 Backward recomputes states instead of storing them: a forward sweep over blocks gives dq, a reverse sweep of the
-state cotangent gives dk and dv (LA-2 Algorithm 2). Matmul operands are in the input dtype, accumulation float32.
+state cotangent gives dk and dv (LA-2 Algorithm 2). Accumulation is float32; in bf16 mode float32 operands (state,
+masked scores) enter matmuls as bf16 hi + lo pairs, never rounded to bf16 (see `_mm`).
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -24,23 +26,50 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.backend import triton_width
+
 _F32 = jnp.float32
 
 
 def _mm(x, y, dims, dtype):
-    """Matmul contracting x's dim dims[0] with y's dims[1], operands cast to `dtype`, float32 accumulation."""
-    precision = lax.Precision.HIGHEST if dtype == _F32 else lax.Precision.DEFAULT  # IEEE f32, not TF32
-    return lax.dot_general(
-        x.astype(dtype), y.astype(dtype), (((dims[0],), (dims[1],)), ((), ())),
-        preferred_element_type=_F32, precision=precision,
-    )
+    """Matmul contracting x's dim dims[0] with y's dims[1], float32 accumulation.
+
+    float32 mode: IEEE float32 operands (Triton would otherwise use TF32). bf16 mode: bf16 operands stay bf16; a
+    float32 operand (the carried state, masked scores, decayed keys) is split into bf16 hi + lo parts and the
+    parts' products are summed (all but lo x lo, ~2^-18 of the product). That keeps it to ~2^-17 relative instead
+    of the 2^-9 of rounding it to bf16, on the bf16 MXU / tensor-core path, at one extra matmul per split operand.
+    """
+    dimension_numbers = (((dims[0],), (dims[1],)), ((), ()))
+    if dtype == _F32:
+        return lax.dot_general(
+            x.astype(_F32), y.astype(_F32), dimension_numbers, preferred_element_type=_F32,
+            precision=lax.Precision.HIGHEST,
+        )
+    mm = lambda a, b: lax.dot_general(a, b, dimension_numbers, preferred_element_type=_F32)  # noqa: E731
+    (x_hi, *x_lo), (y_hi, *y_lo) = _bf16_parts(x, dtype), _bf16_parts(y, dtype)
+    out = mm(x_hi, y_hi)
+    for x_part in x_lo:
+        out += mm(x_part, y_hi)
+    for y_part in y_lo:
+        out += mm(x_hi, y_part)
+    return out
+
+
+def _bf16_parts(x, dtype):
+    """(x,) for an operand already in the 16-bit dtype, else (hi, lo) with hi + lo = x to ~2^-18 relative."""
+    if x.dtype == dtype:
+        return (x,)
+    hi = x.astype(dtype)
+    return hi, (x - hi.astype(_F32)).astype(dtype)
 
 
 def _decays(log_decay, block_size, length):
     """Decay factors of a block holding `length` real tokens (the rest zero padding).
 
     mask_CC[a, b] = lambda^(a-b) for b <= a; q_decay_C1[a] = lambda^(a+1) (incoming state to token a);
-    k_decay_C1[b] = lambda^(length-1-b) (token b to the outgoing state); block_decay = lambda^length.
+    k_decay_C1[b] = lambda^(length-1-b) (token b to the outgoing state); block_decay_11 = lambda^length.
+    Every exp is of a vector: on TPU `log_decay` is a scalar read from SMEM, the scalar core has no
+    transcendental unit, and a scalar exp was reported to fail Mosaic's verification.
     """
     C = block_size
     row_CC = lax.broadcasted_iota(jnp.int32, (C, C), 0)
@@ -52,44 +81,60 @@ def _decays(log_decay, block_size, length):
     q_decay_C1 = jnp.exp((row_C1 + 1).astype(_F32) * log_decay)
     k_exp_C1 = length - 1 - row_C1
     k_decay_C1 = jnp.where(k_exp_C1 >= 0, jnp.exp(jnp.maximum(k_exp_C1, 0).astype(_F32) * log_decay), 0.0)
-    block_decay = jnp.exp(length.astype(_F32) * log_decay)
-    return mask_CC, q_decay_C1, k_decay_C1, block_decay
+    block_decay_11 = jnp.exp(jnp.full((1, 1), length.astype(_F32) * log_decay))
+    return mask_CC, q_decay_C1, k_decay_C1, block_decay_11
 
 
 def _forward_block(q_CD, k_CD, v_CE, state_DE, log_decay, length, block_size):
     """Output of one block (intra: masked-decay left product; inter: incoming state) and the outgoing state."""
     dt = q_CD.dtype
-    mask_CC, q_decay_C1, k_decay_C1, block_decay = _decays(log_decay, block_size, length)
+    mask_CC, q_decay_C1, k_decay_C1, block_decay_11 = _decays(log_decay, block_size, length)
     scores_CC = _mm(q_CD, k_CD, (1, 1), dt) * mask_CC
     o_CE = _mm(scores_CC, v_CE, (1, 0), dt) + _mm(q_CD, state_DE, (1, 0), dt) * q_decay_C1
-    state_DE = block_decay * state_DE + _mm(k_CD * k_decay_C1, v_CE, (0, 0), dt)
+    state_DE = block_decay_11 * state_DE + _mm(k_CD * k_decay_C1, v_CE, (0, 0), dt)
     return o_CE, state_DE
 
 
 def _dq_block(k_CD, v_CE, do_CE, state_DE, log_decay, length, block_size):
     """dq of one block given its incoming state; also advances the state (forward sweep)."""
     dt = k_CD.dtype
-    mask_CC, q_decay_C1, k_decay_C1, block_decay = _decays(log_decay, block_size, length)
+    mask_CC, q_decay_C1, k_decay_C1, block_decay_11 = _decays(log_decay, block_size, length)
     dscores_CC = _mm(do_CE, v_CE, (1, 1), dt) * mask_CC
     dq_CD = _mm(dscores_CC, k_CD, (1, 0), dt) + _mm(do_CE, state_DE, (1, 1), dt) * q_decay_C1
-    state_DE = block_decay * state_DE + _mm(k_CD * k_decay_C1, v_CE, (0, 0), dt)
+    state_DE = block_decay_11 * state_DE + _mm(k_CD * k_decay_C1, v_CE, (0, 0), dt)
     return dq_CD, state_DE
 
 
 def _dkdv_block(q_CD, k_CD, v_CE, do_CE, dstate_DE, log_decay, length, block_size):
     """dk, dv of one block given the cotangent of its outgoing state; returns that of its incoming state."""
     dt = q_CD.dtype
-    mask_CC, q_decay_C1, k_decay_C1, block_decay = _decays(log_decay, block_size, length)
+    mask_CC, q_decay_C1, k_decay_C1, block_decay_11 = _decays(log_decay, block_size, length)
     scores_CC = _mm(q_CD, k_CD, (1, 1), dt) * mask_CC
     dscores_CC = _mm(do_CE, v_CE, (1, 1), dt) * mask_CC
     dk_CD = _mm(dscores_CC, q_CD, (0, 0), dt) + _mm(v_CE, dstate_DE, (1, 1), dt) * k_decay_C1
-    dv_CE = _mm(scores_CC, do_CE, (0, 0), dt) + _mm(k_CD * k_decay_C1, dstate_DE, (1, 0), dt)
-    dstate_DE = block_decay * dstate_DE + _mm(q_CD * q_decay_C1, do_CE, (0, 0), dt)
+    dv_CE = _mm(scores_CC, do_CE, (0, 0), dt) + _mm(k_CD, dstate_DE, (1, 0), dt) * k_decay_C1
+    dstate_DE = block_decay_11 * dstate_DE + _mm(q_CD * q_decay_C1, do_CE, (0, 0), dt)
     return dk_CD, dv_CE, dstate_DE
 
 
 def _block_length(i, seq_len, block_size):
     return jnp.minimum(block_size, seq_len - i * block_size)
+
+
+def _cost(operands, out_shape, *, blocks, C, D, E, cc, de, decay_passes=1):
+    """CostEstimate of a call over `blocks` (B * H * N) blocks, each doing `cc` pairs of C x C scores products
+    (over D and over E) and `de` C x D x E state products, and computing its decays `decay_passes` times. Counts
+    the model's FLOPs (not bf16 mode's hi/lo split or the GPU's per-value-tile recompute)."""
+    return pl.CostEstimate(
+        flops=2 * blocks * C * (cc * C * (D + E) + de * D * E),
+        transcendentals=decay_passes * blocks * (C * C + 2 * C + 1),
+        bytes_accessed=_nbytes(operands, out_shape),
+    )
+
+
+def _nbytes(*trees):
+    """Bytes of every array (or ShapeDtypeStruct) in the trees: each is read or written once."""
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(trees))
 
 
 # ---------------------------------------------------------------- GPU wrapper: grid (B, H), in-kernel block loop
@@ -154,16 +199,19 @@ def _gpu_forward(q, k, v, log_decay_H, s0, *, seq_len, block_size, value_block, 
     B, Tp, H, D = q.shape
     E = v.shape[-1]
     qk, vo, state, head = _gpu_specs(Tp, D, value_block)
+    operands = (log_decay_H, q, k, v, s0)
+    out_shape = (jax.ShapeDtypeStruct((B, Tp, H, E), q.dtype), jax.ShapeDtypeStruct((B, H, D, E), _F32))
     return pl.pallas_call(
         functools.partial(_gpu_forward_kernel, seq_len=seq_len, block_size=block_size),
-        out_shape=(jax.ShapeDtypeStruct((B, Tp, H, E), q.dtype), jax.ShapeDtypeStruct((B, H, D, E), _F32)),
+        out_shape=out_shape,
         grid=(B, H, E // value_block),
         in_specs=[head, qk, qk, vo, state],
         out_specs=(vo, state),
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
+        cost_estimate=_cost(operands, out_shape, blocks=B * H * (Tp // block_size), C=block_size, D=D, E=E, cc=1, de=2),
         name="lightning_attention_fwd",
-    )(log_decay_H, q, k, v, s0)
+    )(*operands)
 
 
 def _gpu_backward(q, k, v, log_decay_H, s0, do, dsT, *, seq_len, block_size, value_block, interpret):
@@ -173,19 +221,24 @@ def _gpu_backward(q, k, v, log_decay_H, s0, do, dsT, *, seq_len, block_size, val
     qk, vo, state, head = _gpu_specs(Tp, D, value_block)
     # dq and dk sum over the value dim, so each value tile writes a float32 partial that is summed afterwards.
     partial = pl.BlockSpec((None, None, Tp, None, D), lambda b, h, e: (e, b, 0, h, 0))
+    operands = (log_decay_H, q, k, v, do, s0, dsT)
+    out_shape = (
+        jax.ShapeDtypeStruct((num_tiles, *q.shape), _F32), jax.ShapeDtypeStruct((num_tiles, *k.shape), _F32),
+        jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((B, H, D, E), _F32),
+    )
     dq_parts, dk_parts, dv, ds0 = pl.pallas_call(
         functools.partial(_gpu_backward_kernel, seq_len=seq_len, block_size=block_size),
-        out_shape=(
-            jax.ShapeDtypeStruct((num_tiles, *q.shape), _F32), jax.ShapeDtypeStruct((num_tiles, *k.shape), _F32),
-            jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((B, H, D, E), _F32),
-        ),
+        out_shape=out_shape,
         grid=(B, H, num_tiles),
         in_specs=[head, qk, qk, vo, vo, state, state],
         out_specs=(partial, partial, vo, state),
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
+        cost_estimate=_cost(
+            operands, out_shape, blocks=B * H * (Tp // block_size), C=block_size, D=D, E=E, cc=3, de=5, decay_passes=2
+        ),
         name="lightning_attention_bwd",
-    )(log_decay_H, q, k, v, do, s0, dsT)
+    )(*operands)
     return dq_parts.sum(0).astype(q.dtype), dk_parts.sum(0).astype(k.dtype), dv, ds0
 
 
@@ -249,18 +302,22 @@ def _tpu_dkdv_kernel(
         ds0_ref[...] = dstate_DE
 
 
-def _tpu_call(kernel, out_shape, in_specs, out_specs, grid, D, E, interpret, name):
+def _tpu_call(kernel, operands, out_shape, in_specs, out_specs, *, dims, cc, de, interpret, name):
+    """One grid (B, H, N) call with log_decay in SMEM and the D x E state in a VMEM scratch; dims = (B, H, N, C,
+    D, E), cc and de as in `_cost`."""
+    B, H, N, C, D, E = dims
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=grid,
+        grid=(B, H, N),
         in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] + in_specs,
         out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((D, E), _F32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
+        cost_estimate=_cost(operands, out_shape, blocks=B * H * N, C=C, D=D, E=E, cc=cc, de=de),
         name=name,
-    )
+    )(*operands)
 
 
 def _tpu_specs(C, D, E, num_blocks, reverse=False):
@@ -270,38 +327,44 @@ def _tpu_specs(C, D, E, num_blocks, reverse=False):
     return seq, state
 
 
-def _tpu_forward(q, k, v, log_decay_H, s0, *, seq_len, block_size, interpret):
+def _tpu_dims(q, v, block_size):
     B, H, Tp, D = q.shape
-    E = v.shape[-1]
-    N = Tp // block_size
-    seq, state = _tpu_specs(block_size, D, E, N)
+    return B, H, Tp // block_size, block_size, D, v.shape[-1]
+
+
+def _tpu_forward(q, k, v, log_decay_H, s0, *, seq_len, block_size, interpret):
+    dims = B, H, N, C, D, E = _tpu_dims(q, v, block_size)
+    seq, state = _tpu_specs(C, D, E, N)
     return _tpu_call(
         functools.partial(_tpu_forward_kernel, seq_len=seq_len, block_size=block_size),
-        (jax.ShapeDtypeStruct((B, H, Tp, E), q.dtype), jax.ShapeDtypeStruct((B, H, D, E), _F32)),
-        [seq(D), seq(D), seq(E), state], (seq(E), state), (B, H, N), D, E, interpret, "lightning_attention_fwd",
-    )(log_decay_H, q, k, v, s0)
+        (log_decay_H, q, k, v, s0),
+        (jax.ShapeDtypeStruct((B, H, N * C, E), q.dtype), jax.ShapeDtypeStruct((B, H, D, E), _F32)),
+        [seq(D), seq(D), seq(E), state], (seq(E), state),
+        dims=dims, cc=1, de=2, interpret=interpret, name="lightning_attention_fwd",
+    )
 
 
 def _tpu_backward(q, k, v, log_decay_H, s0, do, dsT, *, seq_len, block_size, interpret):
-    B, H, Tp, D = q.shape
-    E = v.shape[-1]
-    N = Tp // block_size
-    seq, state = _tpu_specs(block_size, D, E, N)
+    dims = B, H, N, C, D, E = _tpu_dims(q, v, block_size)
+    seq, state = _tpu_specs(C, D, E, N)
     dq = _tpu_call(
         functools.partial(_tpu_dq_kernel, seq_len=seq_len, block_size=block_size),
+        (log_decay_H, k, v, do, s0),
         jax.ShapeDtypeStruct(q.shape, q.dtype),
-        [seq(D), seq(E), seq(E), state], seq(D), (B, H, N), D, E, interpret, "lightning_attention_bwd_dq",
-    )(log_decay_H, k, v, do, s0)
-    rseq, state = _tpu_specs(block_size, D, E, N, reverse=True)
+        [seq(D), seq(E), seq(E), state], seq(D),
+        dims=dims, cc=1, de=2, interpret=interpret, name="lightning_attention_bwd_dq",
+    )
+    rseq, state = _tpu_specs(C, D, E, N, reverse=True)
     dk, dv, ds0 = _tpu_call(
         functools.partial(_tpu_dkdv_kernel, seq_len=seq_len, block_size=block_size),
+        (log_decay_H, q, k, v, do, dsT),
         (
             jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
             jax.ShapeDtypeStruct((B, H, D, E), _F32),
         ),
-        [rseq(D), rseq(D), rseq(E), rseq(E), state], (rseq(D), rseq(E), state), (B, H, N), D, E, interpret,
-        "lightning_attention_bwd_dkdv",
-    )(log_decay_H, q, k, v, do, dsT)
+        [rseq(D), rseq(D), rseq(E), rseq(E), state], (rseq(D), rseq(E), state),
+        dims=dims, cc=2, de=3, interpret=interpret, name="lightning_attention_bwd_dkdv",
+    )
     return dq, dk, dv, ds0
 
 
@@ -360,16 +423,18 @@ def pallas_decode_step(q_BHD, k_BHD, v_BHE, decay_H, state_BHDE, *, backend, int
     """
     B, H, D = q_BHD.shape
     E = v_BHE.shape[-1]
-    Dp, Ep = (_gpu_width(D), _gpu_width(E)) if backend == "gpu" else (D, E)
+    Dp, Ep = (triton_width(D), triton_width(E)) if backend == "gpu" else (D, E)
     q = _pad_axis(q_BHD, 2, Dp)[..., None]
     k = _pad_axis(k_BHD, 2, Dp)[..., None]
     v = _pad_axis(v_BHE, 2, Ep)[:, :, None, :]
     state = _pad_axis(_pad_axis(state_BHDE.astype(_F32), 2, Dp), 3, Ep)
     decay_H11 = decay_H.astype(_F32).reshape(H, 1, 1)
     per_head = lambda rows, cols: pl.BlockSpec((None, None, rows, cols), lambda b, h: (b, h, 0, 0))  # noqa: E731
+    operands = (decay_H11, q, k, v, state)
+    out_shape = (jax.ShapeDtypeStruct((B, H, 1, Ep), q_BHD.dtype), jax.ShapeDtypeStruct((B, H, Dp, Ep), _F32))
     o, new_state = pl.pallas_call(
         _decode_kernel,
-        out_shape=(jax.ShapeDtypeStruct((B, H, 1, Ep), q_BHD.dtype), jax.ShapeDtypeStruct((B, H, Dp, Ep), _F32)),
+        out_shape=out_shape,
         grid=(B, H),
         in_specs=[
             pl.BlockSpec((None, 1, 1), lambda b, h: (h, 0, 0)),
@@ -379,8 +444,12 @@ def pallas_decode_step(q_BHD, k_BHD, v_BHE, decay_H, state_BHDE, *, backend, int
         input_output_aliases={4: 1},
         compiler_params=pltriton.CompilerParams(num_warps=4) if backend == "gpu" and not interpret else None,
         interpret=interpret,
+        # Decay, outer product and the q-weighted sum: 4 FLOPs per state element, which is read and written once.
+        cost_estimate=pl.CostEstimate(
+            flops=4 * state.size, transcendentals=0, bytes_accessed=_nbytes(operands, out_shape)
+        ),
         name="lightning_attention_decode",
-    )(decay_H11, q, k, v, state)
+    )(*operands)
     return o[:, :, 0, :E], new_state[:, :, :D, :E]
 
 
@@ -388,11 +457,6 @@ def _pad_axis(x, axis, size):
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, widths)
-
-
-def _gpu_width(n):
-    """Triton tensors need power-of-two sizes and tl.dot needs >= 16 per dim."""
-    return max(16, pl.next_power_of_2(n))
 
 
 def pallas_attention(
@@ -412,7 +476,7 @@ def pallas_attention(
     s0 = initial_state_BHDE.astype(_F32)
     q, k, v = (_pad_axis(x, 1, Tp) for x in (q_BTHD, k_BTHD, v_BTHE))
     if backend == "gpu":
-        Dp, Ep = _gpu_width(D), _gpu_width(E)
+        Dp, Ep = triton_width(D), triton_width(E)
         q, k = _pad_axis(q, 3, Dp), _pad_axis(k, 3, Dp)
         v = _pad_axis(v, 3, Ep)
         s0 = _pad_axis(_pad_axis(s0, 2, Dp), 3, Ep)
