@@ -105,6 +105,8 @@ def _kernels_fit_backend(model) -> None:
     backend = jax.default_backend()
     if model.softmax_implementation == "cudnn" and backend != "gpu":
         raise InputError(f"config.model.softmax_implementation='cudnn' needs a GPU; this run is on {backend}")
+    if model.softmax_implementation == "splash" and backend == "gpu":
+        raise InputError("config.model.softmax_implementation='splash' is a TPU kernel; on a GPU choose 'cudnn'")
     uses_pallas_lightning = "lightning" in model.mixer_pattern and model.lightning_implementation == "pallas"
     block = model.lightning_block_size
     if uses_pallas_lightning and backend == "gpu" and (block < 16 or block & (block - 1)):

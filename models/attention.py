@@ -5,8 +5,10 @@ The switch (`Config.softmax_implementation`):
   xla        jax.nn.dot_product_attention(implementation="xla")
   cudnn      jax.nn.dot_product_attention(implementation="cudnn") for the causal forward (GPU only)
   pallas     the Pallas flash-decoding kernel for one-token decode steps over the cache
+  splash     JAX's Pallas splash-attention kernel (TPU) for the causal forward and backward of sequences whose length
+             is a multiple of 128 (others take the XLA path); decode steps as under xla
 Training under `pallas` uses the XLA path; attention over a cache outside the decode kernel is plain einsums on the
-cache layout for every implementation (KVCache.attend).
+cache layout for every implementation (KVCache.attend). Kernels run per shard of the mesh (kernel_sharding).
 """
 
 import flax.linen as nn
@@ -16,8 +18,10 @@ import jax.numpy as jnp
 from models.kv_cache import KVCache
 from models.layers import RMSNorm, dense_init
 from models.rope import Rope
+from pallas_kernels.splash_attention import splash_attention
+from parallel import mesh as mesh_lib
 
-IMPLEMENTATIONS = ("reference", "xla", "cudnn", "pallas")
+IMPLEMENTATIONS = ("reference", "xla", "cudnn", "pallas", "splash")
 
 
 def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
@@ -38,6 +42,9 @@ def causal_attention(q_BTNH, k_BTKH, v_BTKH, implementation: str):
         T = q_BTNH.shape[1]
         causal_TT = jnp.tril(jnp.ones((T, T), bool))
         return reference_attention(q_BTNH, k_BTKH, v_BTKH, jnp.broadcast_to(causal_TT, (q_BTNH.shape[0], T, T)))
+    if implementation == "splash" and q_BTNH.shape[1] % 128 == 0:
+        sharding = mesh_lib.kernel_sharding("act_batch", "act_heads", (q_BTNH.shape[0], k_BTKH.shape[2]))
+        return splash_attention(q_BTNH, k_BTKH, v_BTKH, sharding=sharding)
     xla_or_cudnn = "cudnn" if implementation == "cudnn" else "xla"
     return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=xla_or_cudnn)
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.decode_attention import decode_attention
+from parallel import mesh as mesh_lib
 
 
 @flax.struct.dataclass
@@ -42,7 +43,9 @@ class KVCache:
         """Attention of new queries (already written into the cache) over it. One-token steps with
         implementation "pallas" run the flash-decoding kernel; everything else is plain einsums."""
         if implementation == "pallas" and q_BTNH.shape[1] == 1:
-            return decode_attention(q_BTNH[:, 0], self.k_BKSH, self.v_BKSH, positions_BT[:, 0] + 1)[:, None]
+            return decode_attention(q_BTNH[:, 0], self.k_BKSH, self.v_BKSH, positions_BT[:, 0] + 1,
+                                    sharding=mesh_lib.kernel_sharding("cache_batch", "cache_heads",
+                                                                      self.k_BKSH.shape))[:, None]
         B, T, N, H = q_BTNH.shape
         K, S = self.k_BKSH.shape[1:3]
         G = N // K

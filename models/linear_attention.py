@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.layers import RMSNorm, dense_init
-from models.linear_state import LinearState
+from models.linear_state import LinearState, pallas_sharding
 from pallas_kernels.lightning_attention import lightning_attention
 
 
@@ -71,7 +71,9 @@ class LightningMixer(nn.Module):
 
         if cache is None:
             o_BTNH, _ = lightning_attention(q_BTNH, k_BTNH, v_BTNH, jnp.asarray(self.decay_H, jnp.float32),
-                                            implementation=self.implementation, block_size=self.block_size)
+                                            implementation=self.implementation, block_size=self.block_size,
+                                            sharding=pallas_sharding(self.implementation, "act_batch", "act_heads",
+                                                                     (q_BTNH.shape[0], q_BTNH.shape[2])))
         else:
             o_BTNH, cache = cache.update(q_BTNH, k_BTNH, v_BTNH, num_new_B, implementation=self.implementation,
                                          decode_implementation=self.decode_implementation,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.lightning_attention import lightning_attention, lightning_decode_step
+from parallel import mesh as mesh_lib
 
 
 @flax.struct.dataclass
@@ -58,8 +59,10 @@ class LinearState:
         num_new_B[b] tokens count (right-padded prompts and chunks)."""
         decay_H = jnp.asarray(self.decay_H, jnp.float32)
         if q_BTHD.shape[1] == 1:
+            sharding = pallas_sharding(decode_implementation, "cache_batch", "cache_heads", self.state_BHDE.shape)
             o_BHE, new_BHDE = lightning_decode_step(q_BTHD[:, 0], k_BTHD[:, 0], v_BTHE[:, 0], decay_H,
-                                                    self.state_BHDE, implementation=decode_implementation)
+                                                    self.state_BHDE, implementation=decode_implementation,
+                                                    sharding=sharding)
             # A row that writes nothing (num_new 0: finished in a batch that goes on) keeps its state.
             new_BHDE = jnp.where((num_new_B > 0)[:, None, None, None], new_BHDE, self.state_BHDE)
             o_BTHE = o_BHE[:, None]
@@ -108,6 +111,11 @@ class LinearState:
                             window_len_B=kept_B)
 
 
+def pallas_sharding(implementation: str, batch: str, heads: str, x_BH):
+    """Kernels run per shard of the mesh (parallel.mesh.kernel_sharding); the jnp paths are XLA's to partition."""
+    return mesh_lib.kernel_sharding(batch, heads, x_BH) if implementation == "pallas" else None
+
+
 def _left_align(x_BT, shift_B):
     """Moves row b's first T - shift_B[b] entries to its end (a right-padded row becomes left-padded)."""
     T = x_BT.shape[1]
@@ -125,7 +133,9 @@ def _continue(q_BTHD, k_BTHD, v_BTHE, decay_H, num_new_B, state_BHDE, implementa
     q_BTHD, v_BTHE = _left_align(q_BTHD, shift_B), _left_align(v_BTHE, shift_B)
     k_BTHD = jnp.where(valid_BT[..., None, None], _left_align(k_BTHD, shift_B), 0)
     o_BTHE, new_BHDE = lightning_attention(q_BTHD, k_BTHD, v_BTHE, decay_H, implementation=implementation,
-                                           block_size=block_size)
+                                           block_size=block_size,
+                                           sharding=pallas_sharding(implementation, "cache_batch", "cache_heads",
+                                                                    state_BHDE.shape))
     steps_BT = jnp.maximum(jnp.arange(T)[None, :] - shift_B[:, None] + 1, 0)  # tokens since the state
     carried_BTHE = jnp.einsum("bthd,bhde->bthe", q_BTHD.astype(jnp.float32), state_BHDE)
     carried_BTHE = carried_BTHE * decay_H[None, None, :, None] ** steps_BT[..., None, None]

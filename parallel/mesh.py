@@ -10,6 +10,7 @@ from absl import logging as absl_logging
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from errors import InputError
+from pallas_kernels.sharding import KernelSharding
 
 AXES = ("data", "fsdp", "tensor")
 # The default table from the logical names that models annotate to the mesh axes; a config may replace it.
@@ -117,3 +118,18 @@ def sharded_abstract_params(model, mesh, rules):
     """`sharded_abstract` of a models/ module's parameters: (abstract params, their NamedShardings)."""
     init_params = lambda rng: model.init(rng, *model.example_inputs())["params"]
     return sharded_abstract(init_params, jax.random.key(0), mesh=mesh, rules=rules)
+
+
+def kernel_sharding(batch: str, heads: str, x_BH) -> KernelSharding | None:
+    """How a Pallas kernel call (opaque to XLA's partitioner) on x (batch and heads its first two sizes) splits over
+    the mesh of the enclosing trace: each dimension over the mesh axes its logical name maps to by the current
+    rules, where they divide it (a batch of 1 at initialisation stays whole); None outside a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+
+    def dividing(axes, size):
+        return axes if size % math.prod(mesh.shape[axis] for axis in jax.tree.leaves(axes)) == 0 else None
+
+    batch_axes, heads_axes = nn.logical_to_mesh_axes((batch, heads))
+    return KernelSharding(batch=dividing(batch_axes, x_BH[0]), heads=dividing(heads_axes, x_BH[1]))

@@ -273,19 +273,34 @@ def test_seeded_sampling_on_2x4_mesh_equals_one_device(model_config, params):
     assert k_BKSH.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), "tensor", None, None)), 4)
 
 
-def test_pallas_decode_matches_xla(model_config, params, reference_greedy):
+@pytest.mark.parametrize("sharded", [False, True], ids=["one_device", "mesh_2x4"])
+def test_pallas_decode_matches_xla(model_config, params, reference_greedy, sharded):
+    """The flash-decoding kernel, on one device and run per shard of a 2x4 mesh (batch over data, heads over
+    tensor), gives greedy decoding's tokens."""
     pallas = Model(dataclasses.replace(model_config, softmax_implementation="pallas"))
-    sampler = Sampler(pallas, params, None, SamplerConfig(max_new_tokens=MAX_NEW, prompt_buckets=BUCKETS))
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 1, "tensor": 4})) if sharded else None
+    sampler = Sampler(pallas, params, None, SamplerConfig(max_new_tokens=MAX_NEW, prompt_buckets=BUCKETS), mesh=mesh,
+                      rules=mesh_lib.LOGICAL_AXIS_RULES)
     assert sampler.generate_tokens(PROMPTS).tokens == reference_greedy[0]
 
 
-@pytest.mark.parametrize("mixer_pattern", ["lightning", "lightning,softmax"], ids=["lightning", "hybrid"])
-def test_lightning_decoder_decodes_through_the_engine(model_config, mixer_pattern):
-    """Linear-attention layers carry a constant-size state through the engine; greedy equals the full forward."""
-    model = Model(dataclasses.replace(model_config, mixer_pattern=mixer_pattern, lightning_block_size=8))
+PALLAS_EVERYWHERE = dict(softmax_implementation="pallas", lightning_implementation="pallas",
+                         lightning_decode_implementation="pallas")
+
+
+@pytest.mark.parametrize("mixer_pattern, implementations, sharded", [
+    ("lightning", {}, False), ("lightning,softmax", {}, False), ("lightning,softmax", PALLAS_EVERYWHERE, True)],
+    ids=["lightning", "hybrid", "hybrid-pallas-mesh_2x4"])
+def test_lightning_decoder_decodes_through_the_engine(model_config, mixer_pattern, implementations, sharded):
+    """Linear-attention layers carry a constant-size state through the engine; greedy equals the full forward,
+    with every kernel also run per shard of a 2x4 mesh."""
+    model = Model(dataclasses.replace(model_config, mixer_pattern=mixer_pattern, lightning_block_size=8,
+                                      **implementations))
     params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     params = jax.tree.map(lambda x: 3.0 * x, params)
-    sampler = Sampler(model, params, None, SamplerConfig(max_new_tokens=MAX_NEW, prompt_buckets=BUCKETS))
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 1, "tensor": 4})) if sharded else None
+    sampler = Sampler(model, params, None, SamplerConfig(max_new_tokens=MAX_NEW, prompt_buckets=BUCKETS), mesh=mesh,
+                      rules=mesh_lib.LOGICAL_AXIS_RULES)
     assert sampler.generate_tokens(PROMPTS).tokens == greedy_by_full_forward(model, params, PROMPTS)[0]
 
 

@@ -193,6 +193,20 @@ def test_remat_and_attention_implementations_agree():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), loss_and_grads(**overrides), expected)
 
 
+def test_splash_attention_trains_like_the_reference():
+    """softmax_implementation="splash" (JAX's TPU kernel, interpreted here) on 128-token sequences: the loss and
+    gradients of the reference implementation."""
+    tokens_BT = tokens(batch=2, length=128)
+    params = init(Model(Config(**TINY)), tokens_BT)
+
+    def loss_and_grads(implementation):
+        model = Model(Config(**TINY, softmax_implementation=implementation))
+        return jax.value_and_grad(lambda p: model.apply({"params": p}, tokens_BT)[0].mean())(params)
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), loss_and_grads("splash"),
+                 loss_and_grads("reference"))
+
+
 def test_bfloat16_compute_keeps_float32_parameters_and_logits():
     model = Model(Config(**TINY, dtype="bfloat16"))
     tokens_BT = tokens()
