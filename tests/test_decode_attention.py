@@ -1,10 +1,9 @@
 """Decode attention: the Pallas kernel (interpret mode, both GPU and TPU wrappers) against the plain-jnp reference."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from errors import InputError
 from pallas_kernels.decode_attention import BlockSizes, decode_attention, decode_attention_pallas

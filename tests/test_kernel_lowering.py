@@ -19,8 +19,7 @@ from jax.sharding import AbstractDevice, AbstractMesh
 
 from errors import InputError
 from pallas_kernels.decode_attention import BlockSizes, decode_attention, decode_attention_pallas
-from pallas_kernels.lightning_attention import kernel as lightning_kernel
-from pallas_kernels.lightning_attention import lightning_attention, lightning_decode_step
+from pallas_kernels.lightning_attention import kernel as lightning_kernel, lightning_attention, lightning_decode_step
 from pallas_kernels.splash_attention import splash_attention
 
 TARGETS = {

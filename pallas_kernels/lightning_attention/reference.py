@@ -20,8 +20,8 @@ def quadratic(q_BTHD, k_BTHD, v_BTHE, decay_H, initial_state_BHDE):
     diff_TT = t_T[:, None] - t_T[None, :]
     causal_TT = diff_TT >= 0
     # Clamp the exponent above the diagonal so lambda^(negative) cannot overflow before the mask zeroes it.
-    mask_HTT = jnp.where(causal_TT[None], jnp.exp(jnp.where(causal_TT, diff_TT, 0.0)[None] * log_decay_H[:, None, None]),
-                         0.0)
+    exponent_HTT = jnp.where(causal_TT, diff_TT, 0.0)[None] * log_decay_H[:, None, None]
+    mask_HTT = jnp.where(causal_TT[None], jnp.exp(exponent_HTT), 0.0)
     scores_BHTT = jnp.einsum("bthd,bshd->bhts", q, k, precision=_HIGHEST) * mask_HTT[None]
     o_BTHE = jnp.einsum("bhts,bshe->bthe", scores_BHTT, v, precision=_HIGHEST)
     # Token t sees the initial state decayed t+1 times.
