@@ -253,21 +253,7 @@ def _load_params(file: _File, model_config: ml_collections.ConfigDict, shardings
     abstract = mesh_lib.strip_logical_names(huggingface.abstract_params(registry.build(model_config)))
     if shardings is None:
         shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), abstract)
-    plan = _plan(file, abstract, model_config)
-
-    def place(key_path, leaf, sharding):
-        view, layout = plan[jax.tree_util.keystr(key_path, simple=True, separator="/")]
-        blocks = {}  # devices holding replicas of one block share one read
-
-        def read(index):
-            bounds = tuple(s.indices(n) for s, n in zip(index, leaf.shape))
-            if bounds not in blocks:
-                blocks[bounds] = hf_layout.read_block(view, layout, index, leaf.shape).astype(leaf.dtype)
-            return blocks[bounds]
-
-        return jax.make_array_from_callback(leaf.shape, sharding, read)
-
-    return jax.tree_util.tree_map_with_path(place, abstract, shardings)
+    return hf_layout.place(_plan(file, abstract, model_config), abstract, shardings)
 
 
 def load_params(path: str, model_config: ml_collections.ConfigDict, shardings=None):

@@ -20,7 +20,7 @@ assert jax.device_count() == 8, "tests expect 8 fake CPU devices; jax was import
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-TORCH_FILES = ("test_gguf.py", "test_hf_interop.py", "test_sampling.py")
+TORCH_FILES = ("test_gguf.py", "test_hf_interop.py")
 TORCH_TESTS = ("test_benchmarks.py::test_decode_benchmark_matches_transformers_and_reports_the_roofline",)
 
 

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 import train
 from configs import lightning
@@ -41,7 +41,7 @@ def _config(platform: str):
 @contextlib.contextmanager
 def _target(platform, config):
     """An abstract one-device mesh of `platform` with decodelab's axes, and the config's logical rules."""
-    mesh = AbstractMesh((1, 1, 1), mesh_lib.AXES, abstract_device=TARGETS[platform])
+    mesh = AbstractMesh((1, 1, 1), mesh_lib.AXES, axis_types=(AxisType.Auto,) * 3, abstract_device=TARGETS[platform])
     with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(mesh_lib.axis_rules(config)):
         yield
 

@@ -3,6 +3,7 @@ axis (N*H) split in two; RoPE is rotate-half on both sides, so q/k need no permu
 
 import re
 
+import jax
 import numpy as np
 
 _LAYER_TENSORS = {  # decodelab path within layer_i -> (HF name within model.layers.i, layout)
@@ -78,3 +79,21 @@ def read_block(tensor, layout: str, index: tuple, shape: tuple) -> np.ndarray:
         return block.T.reshape(-1, shape[1], block.shape[0])[:, within]
     heads, within = index
     return tensor[slice(heads.start * shape[1], heads.stop * shape[1])].reshape(-1, shape[1])[:, within]
+
+
+def place(plan: dict, abstract, shardings):
+    """The parameters `abstract` describes, each device's block read from its tensor on its own: plan maps a
+    parameter's path ("layer_0/mlp/up/kernel") to (its lazily read tensor, its layout)."""
+    def place_one(key_path, leaf, sharding):
+        tensor, layout = plan[jax.tree_util.keystr(key_path, simple=True, separator="/")]
+        blocks = {}  # devices holding replicas of one block share one read
+
+        def read(index):
+            bounds = tuple(s.indices(n) for s, n in zip(index, leaf.shape))
+            if bounds not in blocks:
+                blocks[bounds] = read_block(tensor, layout, index, leaf.shape).astype(leaf.dtype)
+            return blocks[bounds]
+
+        return jax.make_array_from_callback(leaf.shape, sharding, read)
+
+    return jax.tree_util.tree_map_with_path(place_one, abstract, shardings)

@@ -11,7 +11,7 @@ import tokenizers
 from jax.sharding import SingleDeviceSharding
 
 from checkpoints.huggingface.config import RUNTIME_FIELDS, model_config_from_hf, read_json
-from checkpoints.huggingface.layout import hf_name, hf_shape, read_block
+from checkpoints.huggingface.layout import hf_name, hf_shape, place
 from errors import InputError
 from models import registry
 from parallel import mesh as mesh_lib
@@ -110,19 +110,7 @@ def load_hf_params(path: str, model_config: ml_collections.ConfigDict, shardings
             raise InputError(f"{listing}: tensor {unused[0]} (and {len(unused) - 1} more) has no place in the "
                              f"decoder that {path}/config.json describes")
 
-        def place(key_path, leaf, sharding):
-            tensor, layout = plan[jax.tree_util.keystr(key_path, simple=True, separator="/")]
-            blocks = {}  # devices holding replicas of one block share one read
-
-            def read(index):
-                bounds = tuple(s.indices(n) for s, n in zip(index, leaf.shape))
-                if bounds not in blocks:
-                    blocks[bounds] = read_block(tensor, layout, index, leaf.shape).astype(leaf.dtype)
-                return blocks[bounds]
-
-            return jax.make_array_from_callback(leaf.shape, sharding, read)
-
-        return jax.tree_util.tree_map_with_path(place, abstract, shardings)
+        return place(plan, abstract, shardings)
 
 
 def load_tokenizer(file: str, vocab_size: int) -> tokenizers.Tokenizer:
