@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 
 from configs import lm
+from data import tokenizer as tokenizer_lib
 from errors import InputError
 from evaluators import superposed as evaluators_superposed
 from metrics import drafts
@@ -308,6 +310,28 @@ def test_missing_store(model_and_params, tmp_path, store):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Draft metrics.
+
+def test_next_line_prompts_start_with_bos_where_the_tokenizer_adds_one():
+    text = "".join(f"def f{i}(x):\n    y = x + {i}\n    return y * {i}\n\n" for i in range(12))
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    tokenizer.train_from_iterator([text], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    bos = tokenizer.token_to_id("<s>")
+    for adds_bos in (False, True):
+        if adds_bos:
+            tokenizer.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A",
+                                                                               special_tokens=[("<s>", bos)])
+        assert tokenizer_lib.bos_ids(tokenizer) == ([bos] if adds_bos else [])
+        prompts = drafts.next_line_prompts(tokenizer, [text], prefix_tokens=8, max_line_tokens=10, num_prompts=4)
+        assert len(prompts) == 4
+        for prompt in prompts:
+            tokens = prompt["prompt_tokens"]
+            assert len(tokens) == 8 and (tokens[0] == bos) == adds_bos and bos not in tokens[1:]
+            # The text tokens are the ones right before the true next line.
+            assert tokenizer.decode(tokens[adds_bos:]) + prompt["next_line"] + "\n" in text
+
 
 def test_sentence_bleu_matches_nltk_values():
     assert drafts.sentence_bleu([[1, 2, 3, 4, 5]], [1, 2, 3, 4, 5]) == pytest.approx(1.0)
