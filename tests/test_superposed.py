@@ -1,4 +1,4 @@
-"""Superposed Decoding against a plain-Python transcription of the reference loop, greedy, and its input rules;
+"""Superposed Decoding against a numpy float32 transcription of the reference loop, greedy, and its input rules;
 the draft metrics against hand-computed values."""
 
 import collections
@@ -20,7 +20,7 @@ from models import llama
 from parallel import mesh as mesh_lib
 from samplers import ngram_store
 from samplers.engine import Sampler, SamplerConfig
-from samplers.superposed import Superposed, SuperposedConfig, candidates
+from samplers.superposed import REFERENCE, Superposed, SuperposedConfig, candidates
 
 VOCAB = 48
 ORDERS = (2, 3, 4)
@@ -93,7 +93,8 @@ def _dict_ngrams(docs, orders):
 
 def _ngram_prob(tables, history, token, orders, weights):
     """Superpose.ngram_probs for one token: a float32 sum over the orders whose context was seen (NGram.prob is -1
-    for an unseen one) of weight * count / total, each term formed in float64 as Python does."""
+    for an unseen one) of weight * count / total, each term formed in float64 as Python does. (The reference's buffer
+    is float16 there, a side effect of its torch.set_default_tensor_type(HalfTensor) that decodelab does not copy.)"""
     p = np.float32(0)
     for n, w in zip(orders, weights):
         following = tables[n - 1].get(tuple(history[len(history) - n + 1:])) if len(history) >= n - 1 else None
@@ -280,7 +281,6 @@ def test_bad_config(overrides, setting):
 def test_unset_settings_take_the_reference_params_for_k():
     """alpha, temperature and m left at REFERENCE come from the reference's params/p15_d{k}_mixed.json; a k it has no
     file for takes k = 3's alpha and temperature; m is 3k; a value given is kept."""
-    from samplers.superposed import REFERENCE
     files = {2: (0.62, 0.06, 6), 3: (0.54, 0.06, 9), 4: (0.52, 0.06, 12), 5: (0.6, 0.06, 15), 6: (0.52, 0.06, 18),
              10: (0.54, 0.12, 30), 7: (0.54, 0.06, 21), 1: (0.54, 0.06, 3)}
     for k, want in files.items():
