@@ -1,14 +1,17 @@
 """Decode speed of the decodelab engine against Hugging Face transformers `generate` on the same weights.
 
   python benchmarks/decode.py --presets tiny,small --batch-sizes 1,16 --max-new-tokens 64 --out workdirs/bench
+  GGUF=$(python -c "from configs import smollm2; print(smollm2.gguf_path())")   # the reference model, SmolLM2
+  python benchmarks/decode.py --init-from=gguf:$GGUF --batch-sizes 1,16 --out workdirs/bench_smollm2
 
-For each preset of configs/lm.py (random weights) and batch size it times, after a warm-up compile, greedy decoding
-of random prompts: decodelab end to end (prefill + decode loop + host output) and the decode loop alone, and
-`LlamaForCausalLM.generate` with the same weights, prompts and token count (decodelab's tokens are checked against
-it). It also reports the fraction of the memory-bandwidth roofline each reaches: (parameter bytes + filled cache
-bytes) read per step / step time / the device's read bandwidth (the HBM spec on a GPU, measured on a CPU). A decode
-step at batch 1 cannot beat the roofline, so 1 / transformers' fraction bounds any speedup over it. Writes
-decode.json and decode.png to --out.
+For each preset of configs/lm.py (random weights), or the checkpoint --init-from names (hf:DIR or gguf:FILE, as
+config.init_from: its shape and its weights, dequantized to float32; the preset's runtime fields), and each batch
+size it times, after a warm-up compile, greedy decoding of random prompts: decodelab end to end (prefill + decode
+loop + host output) and the decode loop alone, and `LlamaForCausalLM.generate` with the same weights, prompts and
+token count (decodelab's tokens are checked against it). It also reports the fraction of the memory-bandwidth
+roofline each reaches: (parameter bytes + filled cache bytes) read per step / step time / the device's read
+bandwidth (the HBM spec on a GPU, measured on a CPU). A decode step at batch 1 cannot beat the roofline, so
+1 / transformers' fraction bounds any speedup over it. Writes decode.json and decode.png to --out.
 """
 
 import argparse
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints import huggingface
+from checkpoints import huggingface, init_from as init_from_lib
 from configs import lm
 from models import registry
 from samplers.engine import Sampler, SamplerConfig
@@ -119,20 +122,25 @@ def peak_bandwidth(num_bytes, on_gpu):
     return matrix.nbytes / best
 
 
-def run_one(preset, batch, args, on_gpu, hf_device, thread_counts):
-    model_config = lm.get_config(preset).model
+def run_one(preset, init_from, batch, args, on_gpu, hf_device, thread_counts):
+    config = lm.get_config(preset)
+    config.init_from = init_from
+    model_config = init_from_lib.resolve(config)[0].model
     dtype = args.dtype or ("float32" if not on_gpu else model_config.dtype)
     model_config.update(softmax_implementation=args.softmax_implementation, dtype=dtype, remat="none")
     model = registry.build(model_config)
-    params = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, *model.example_inputs())["params"]))(
-        jax.random.key(0))
+    if init_from:
+        params = init_from_lib.load_params(init_from, model_config, shardings=None)
+    else:
+        params = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, *model.example_inputs())["params"]))(
+            jax.random.key(0))
     num_params = sum(x.size for x in jax.tree.leaves(params))
     prompts = np.random.default_rng(0).integers(0, model_config.vocab_size, (batch, args.prompt_len)).tolist()
     sampler = Sampler(model, params, None, SamplerConfig(max_new_tokens=args.max_new_tokens,
                                                           prompt_buckets=(args.prompt_len,)))
     end_to_end, prefill, decode, tokens = time_decodelab(sampler, prompts, args.repeats)
     N = args.max_new_tokens
-    result = {"preset": preset, "batch": batch, "params": int(num_params), "dtype": dtype,
+    result = {"preset": preset, "init_from": init_from, "batch": batch, "params": int(num_params), "dtype": dtype,
               "prompt_len": args.prompt_len, "max_new_tokens": N,
               "softmax_implementation": args.softmax_implementation,
               "decodelab_end_to_end_s": end_to_end, "decodelab_prefill_s": prefill, "decodelab_decode_s": decode,
@@ -151,7 +159,8 @@ def run_one(preset, batch, args, on_gpu, hf_device, thread_counts):
                       # generate's time includes its prefill, so this fraction is a lower bound on its decode's
                       # and 1 / fraction an upper bound on the speedup any implementation could reach over it.
                       hf_roofline_fraction=step_bytes * N / seconds / bandwidth if bandwidth else None,
-                      # Random weights give near-flat logits, so float noise may flip a late argmax.
+                      # Random weights give near-flat logits, so float noise may flip a late argmax; a trained
+                      # model's prompts are random tokens too.
                       tokens_equal_hf_fraction=float(same_BN.mean()),
                       first_token_equal_hf_fraction=float(same_BN[:, 0].mean()))
         del hf
@@ -164,7 +173,7 @@ def plot(results, path, on_gpu):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['preset']}\nbatch {r['batch']}" for r in results]
+    labels = [f"{os.path.basename(r['init_from']) or r['preset']}\nbatch {r['batch']}" for r in results]
     series = [("decodelab decode loop", "decodelab_decode_tokens_per_s"),
               ("decodelab end to end", "decodelab_tokens_per_s"), ("transformers generate", "hf_tokens_per_s")]
     series = [(name, key) for name, key in series if any(key in r for r in results)]
@@ -201,7 +210,8 @@ def plot(results, path, on_gpu):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="", help="comma-separated configs/lm.py presets; default tiny,small "
-                        "(and gpu_1b on a GPU)")
+                        "(and gpu_1b on a GPU), or tiny with --init-from")
+    parser.add_argument("--init-from", default="", help="hf:DIR or gguf:FILE: its weights instead of random ones")
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
@@ -216,7 +226,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     on_gpu = jax.default_backend() == "gpu"
-    presets = (args.presets or ("tiny,small,gpu_1b" if on_gpu else "tiny,small")).split(",")
+    default_presets = "tiny" if args.init_from else "tiny,small,gpu_1b" if on_gpu else "tiny,small"
+    presets = (args.presets or default_presets).split(",")
     hf_device = None
     cores = len(os.sched_getaffinity(0))
     thread_counts = [int(t) for t in args.torch_threads.split(",")] if args.torch_threads else sorted({1, cores})
@@ -229,7 +240,7 @@ def main(argv=None):
     results = []
     for preset in presets:
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            result = run_one(preset, batch, args, on_gpu, hf_device, thread_counts)
+            result = run_one(preset, args.init_from, batch, args, on_gpu, hf_device, thread_counts)
             results.append(result)
             print(json.dumps(result), flush=True)
     out = pathlib.Path(args.out)

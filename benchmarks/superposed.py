@@ -1,6 +1,8 @@
 """Wall time to produce k drafts: Superposed Decoding against nucleus sampling and greedy, side by side in one process.
 
   python benchmarks/superposed.py --ks 2,3,5,10 --out workdirs/bench_superposed [--workdir workdirs/tiny]
+  GGUF=$(python -c "from configs import smollm2; print(smollm2.gguf_path())")   # the reference model, SmolLM2
+  python benchmarks/superposed.py --init-from=gguf:$GGUF --workdir=workdirs/smollm2 --prompts=held-out
 
 For each k, after a warm-up compile, the median over --repeats (taken round-robin across the contenders) of end to
 end `generate_tokens` (prefill, decode loop, host output) for the same prompts and new-token count, with no stop
@@ -10,14 +12,19 @@ tokens so every run makes exactly that many:
   nucleus_sequential   k nucleus runs (temperature 0.6, top-p 0.9) one after another, batch = the prompts
   nucleus_batched      one nucleus run over the prompts repeated k times (the engine pads the batch to a power of 2)
   greedy               one greedy run, batch = the prompts
-The model is configs/lm.py:tiny, random-init, or the latest checkpoint of --workdir. The n-gram store is
-WORKDIR/ngrams.npz, or else one built here from a synthetic corpus (a random sparse Markov chain over the vocabulary)
-whose build time and size are reported. Also reported: the cost of one jitted n-gram lookup of (batch, k, m)
-candidates. Writes superposed.json and superposed.png (time against k) to --out. The targets from the issue, checked
-at k = 3: superposed at least 2.44x faster than nucleus_sequential and at most 1.2x greedy.
+The model is the latest checkpoint of --workdir (configs/lm.py:tiny), else the checkpoint --init-from names (hf:DIR
+or gguf:FILE, as config.init_from), else configs/lm.py:tiny random-init. Prompts are --batch random token sequences,
+or with --prompts=held-out the first --batch next-line prompts of the validation split that evaluate.py's
+Superposed evaluator uses (metrics/drafts.py, BOS first where the tokenizer adds one), in the workdir's tokenizer
+(WORKDIR/tokenizer.json, which tools/build_ngrams.py writes beside the store, else the --init-from checkpoint's).
+The n-gram store is WORKDIR/ngrams.npz, or else one built here from a synthetic corpus (a random sparse Markov chain
+over the vocabulary) whose build time and size are reported. Also reported: the cost of one jitted n-gram lookup of
+(batch, k, m) candidates. Writes superposed.json and superposed.png (time against k) to --out. The targets from the
+issue, checked at k = 3: superposed at least 2.44x faster than nucleus_sequential and at most 1.2x greedy.
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -28,9 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from checkpoints import init_from as init_from_lib
 from checkpoints.manager import Checkpoints
 from configs import lm
+from data import corpus, tokenizer as tokenizer_lib
 from evaluators.superposed import NUCLEUS
+from metrics import drafts
 from models import registry
 from parallel import mesh as mesh_lib
 from samplers import ngram_store
@@ -42,15 +52,39 @@ SPEEDUP_TARGET = 2.44  # the paper: at least 2.44x faster than nucleus sampling 
 GREEDY_TARGET = 1.2  # the issue: no more than 1.2x one greedy run
 
 
-def load_model(workdir: str | None):
-    model_config = lm.get_config("tiny").model
-    model = registry.build(model_config)
-    params = mesh_lib.strip_logical_names(model.init(jax.random.key(0), *model.example_inputs())["params"])
-    if workdir:
-        checkpoints = Checkpoints(workdir)
-        params = checkpoints.restore_params(jax.eval_shape(lambda: params))
+def load_model(init_from: str, workdir: str):
+    """(config, model, params, tokenizer) of configs/lm.py:tiny with init_from resolved: the latest checkpoint of
+    workdir, else the init_from checkpoint, else a random initialisation; the tokenizer is the workdir's
+    (WORKDIR/tokenizer.json, else the init_from checkpoint's), None without a workdir."""
+    config = lm.get_config("tiny")
+    config.init_from = init_from
+    config, _ = init_from_lib.resolve(config)
+    model = registry.build(config.model)
+
+    def initialise():
+        return mesh_lib.strip_logical_names(model.init(jax.random.key(0), *model.example_inputs())["params"])
+
+    checkpoints = Checkpoints(workdir) if workdir else None
+    if checkpoints is not None and checkpoints.latest_step() is not None:
+        params = checkpoints.restore_params(jax.eval_shape(initialise))
+    elif init_from:
+        params = init_from_lib.load_params(init_from, config.model, shardings=None)
+    else:
+        params = initialise()
+    if checkpoints is not None:
         checkpoints.close()
-    return model, params
+    tokenizer = tokenizer_lib.existing_tokenizer(config.data, workdir, config.model.vocab_size) if workdir else None
+    return config, model, params, tokenizer
+
+
+def held_out_prompts(config, tokenizer, prompt_tokens: int, new_tokens: int, batch: int) -> list[list[int]]:
+    """The first `batch` prompts of the Superposed evaluator's rule on the validation split."""
+    validation = corpus.load_corpus(config.data)["validation"]
+    texts = (corpus.record_text(validation[i], config.data) for i in range(len(validation)))
+    prompts = drafts.next_line_prompts(tokenizer, texts, prompt_tokens, new_tokens, batch, config.seed)
+    if len(prompts) < batch:
+        raise SystemExit(f"the validation split has only {len(prompts)} next-line prompts; lower --batch")
+    return [p["prompt_tokens"] for p in prompts]
 
 
 def synthetic_store(vocab_size: int, num_tokens: int, path: str) -> dict:
@@ -99,22 +133,24 @@ def lookup_cost(store, batch: int, k: int, m: int, repeats: int) -> dict:
             "microseconds_per_query": seconds / queries * 1e6}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ks", default="2,3,5,10")
     parser.add_argument("--batch", type=int, default=1, help="prompts per run")
     parser.add_argument("--prompt-tokens", type=int, default=15)
     parser.add_argument("--new-tokens", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--workdir", default="", help="a tiny-config workdir: its checkpoint and ngrams.npz")
+    parser.add_argument("--init-from", default="", help="hf:DIR or gguf:FILE, as config.init_from")
+    parser.add_argument("--prompts", choices=("random", "held-out"), default="random")
+    parser.add_argument("--workdir", default="", help="a tiny-config workdir: its checkpoint, tokenizer and ngrams.npz")
     parser.add_argument("--synthetic-tokens", type=int, default=800_000,
                         help="corpus size for the synthetic n-gram store (without a workdir store)")
     parser.add_argument("--out", default="workdirs/bench_superposed")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    model, params = load_model(args.workdir)
+    config, model, params, tokenizer = load_model(args.init_from, args.workdir)
     vocab_size = model.config.vocab_size
     store_path = os.path.join(args.workdir, "ngrams.npz") if args.workdir else ""
     if store_path and os.path.exists(store_path):
@@ -128,17 +164,22 @@ def main():
                       orders=list(store.orders))
     print(f"n-gram store: {json.dumps(store_info)}", flush=True)
 
-    rng = np.random.default_rng(0)
-    prompts = rng.integers(0, vocab_size, (args.batch, args.prompt_tokens)).tolist()
     N = args.new_tokens
+    if args.prompts == "held-out":
+        if tokenizer is None:
+            parser.error("--prompts=held-out needs a --workdir with tokenizer.json, or --workdir and --init-from")
+        prompts = held_out_prompts(config, tokenizer, args.prompt_tokens, N, args.batch)
+    else:
+        prompts = np.random.default_rng(0).integers(0, vocab_size, (args.batch, args.prompt_tokens)).tolist()
     engine_config = SamplerConfig(max_new_tokens=N)
     greedy = Sampler(model, params, None, engine_config)
     nucleus = Sampler(model, params, None, engine_config, PlainSampling(NUCLEUS))
     results = []
     for k in (int(k) for k in args.ks.split(",")):
-        spd = Sampler(model, params, None, engine_config, Superposed(SuperposedConfig(num_drafts=k), store))
-        spd_no_ngram = Sampler(model, params, None, engine_config, Superposed(SuperposedConfig(num_drafts=k,
-                                                                                               alpha=0.0)))
+        method = SuperposedConfig(num_drafts=k).resolved()
+        spd = Sampler(model, params, None, engine_config, Superposed(method, store))
+        spd_no_ngram = Sampler(model, params, None, engine_config,
+                               Superposed(dataclasses.replace(method, alpha=0.0)))
         contenders = {
             "superposed_s": functools.partial(spd.generate_tokens, prompts),
             "superposed_no_ngram_s": functools.partial(spd_no_ngram.generate_tokens, prompts),
@@ -146,8 +187,9 @@ def main():
             "nucleus_batched_s": functools.partial(nucleus.generate_tokens, prompts * k),
             "greedy_s": functools.partial(greedy.generate_tokens, prompts),
         }
-        row = {"k": k, "m": spd.strategy.config.m, **median_seconds(contenders, args.repeats),
-               "lookup": lookup_cost(store, args.batch, k, spd.config.m, args.repeats)}
+        row = {"k": k, "m": method.num_candidates, "alpha": method.alpha, "temperature": method.temperature,
+               **median_seconds(contenders, args.repeats),
+               "lookup": lookup_cost(store, args.batch, k, method.num_candidates, args.repeats)}
         row["speedup_vs_nucleus_sequential"] = row["nucleus_sequential_s"] / row["superposed_s"]
         row["speedup_vs_nucleus_batched"] = row["nucleus_batched_s"] / row["superposed_s"]
         row["ratio_to_greedy"] = row["superposed_s"] / row["greedy_s"]
@@ -159,10 +201,10 @@ def main():
     targets = None if at3 is None else {
         f"speedup_vs_nucleus_sequential >= {SPEEDUP_TARGET}": at3["speedup_vs_nucleus_sequential"] >= SPEEDUP_TARGET,
         f"ratio_to_greedy <= {GREEDY_TARGET}": at3["ratio_to_greedy"] <= GREEDY_TARGET}
-    report = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "model": "tiny",
-              "trained": bool(args.workdir), "batch": args.batch, "prompt_tokens": args.prompt_tokens,
-              "new_tokens": N, "repeats": args.repeats, "ngram_store": store_info, "results": results,
-              "targets_at_k3": targets}
+    report = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+              "model": args.init_from or "tiny", "workdir": args.workdir, "prompts": args.prompts,
+              "batch": args.batch, "prompt_tokens": args.prompt_tokens, "new_tokens": N, "repeats": args.repeats,
+              "ngram_store": store_info, "results": results, "targets_at_k3": targets}
     (out / "superposed.json").write_text(json.dumps(report, indent=2))
     plot(results, out / "superposed.png", report)
     print(f"targets at k=3: {targets}\nwrote {out / 'superposed.json'} and {out / 'superposed.png'}")
@@ -183,8 +225,8 @@ def plot(results, path, report):
     ax.set_xlabel("drafts k")
     ax.set_ylabel("wall time per call (ms)")
     ax.set_xticks(ks)
-    ax.set_title(f"k drafts of {report['new_tokens']} tokens, batch {report['batch']}, tiny model, "
-                 f"{report['backend']}", fontsize=9)
+    ax.set_title(f"k drafts of {report['new_tokens']} tokens, batch {report['batch']}, "
+                 f"{os.path.basename(report['model'])}, {report['backend']}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

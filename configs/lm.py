@@ -125,9 +125,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
             )),
         ),
         # Superposed Decoding (k drafts per forward pass, scored with n-grams) against nucleus run k times and
-        # greedy. The method's settings are samplers.superposed.SuperposedConfig's fields (defaults: the
-        # reference's p15_d3_mixed.json); the rest set up the comparison. The n-gram store comes from
-        # python tools/build_ngrams.py --config=... --workdir=...
+        # greedy. The method's settings are samplers.superposed.SuperposedConfig's fields (alpha, temperature and
+        # num_candidates at -1 take the reference's params file for num_drafts); the rest set up the comparison.
+        # The n-gram store comes from python tools/build_ngrams.py --config=... --workdir=...
         superposed=dict(
             **dataclasses.asdict(SuperposedConfig()),
             ngram_store="",  # "" = WORKDIR/ngrams.npz (the evaluator is skipped if it is missing)

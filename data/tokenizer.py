@@ -69,6 +69,13 @@ def eos_id(tokenizer: tokenizers.Tokenizer) -> int:
     raise ValueError(f"tokenizer has none of the end-of-document tokens {_KNOWN_EOS}")
 
 
+def bos_ids(tokenizer: tokenizers.Tokenizer) -> list[int]:
+    """The ids the tokenizer's post-processor puts before every text (a Llama-style BOS); [] when it adds none."""
+    encoding = tokenizer.encode("a", add_special_tokens=True)
+    leading = next((i for i, special in enumerate(encoding.special_tokens_mask) if not special), len(encoding.ids))
+    return encoding.ids[:leading]
+
+
 def token_byte_lengths(tokenizer: tokenizers.Tokenizer, vocab_size: int) -> np.ndarray:
     """UTF-8 bytes each token id adds to decoded text, for bits per byte; 0 for special tokens and unused ids."""
     lengths = np.zeros(vocab_size, np.int32)

@@ -48,7 +48,7 @@ def validate(section, config) -> None:
 class Evaluator:
     def __init__(self, section, context):
         self.section, self.context = section, context
-        self.method = method_config(section)
+        self.method = method_config(section).resolved()
         store_path = section.ngram_store or os.path.join(context.workdir, "ngrams.npz")
         self.skipped = None
         if not section.ngram_store and not os.path.exists(store_path):
@@ -78,8 +78,10 @@ class Evaluator:
         stop_tokens = (tokenizer_lib.eos_id(ctx.tokenizer),)
         results = {"protocol": {
             "prompts": len(prompts), "prefix_tokens": section.prefix_tokens, "num_drafts": k,
-            "rule": "prompt = prefix_tokens tokens ending at a line break; P@j: a draft's first line (stripped) "
-                    "equals the true next line (stripped), whose own tokens fit in new_tokens",
+            "method": dataclasses.asdict(self.method), "bos": tokenizer_lib.bos_ids(ctx.tokenizer),
+            "rule": "prompt = prefix_tokens tokens (BOS first where the tokenizer adds one) ending at a line break; "
+                    "P@j: a draft's first line (stripped) equals the true next line (stripped), whose own tokens "
+                    "fit in new_tokens",
             "nucleus": {"temperature": NUCLEUS.temperature, "top_p": NUCLEUS.top_p, "runs": k},
             "superposed_order": "drafts sorted by score per token (lowest interpolated perplexity first)",
             "nucleus_order": "run order", "grader": bool(self.grader)}}

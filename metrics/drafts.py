@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import shapes
+from data import tokenizer as tokenizer_lib
 
 BLEU_EPSILON = 0.1  # nltk SmoothingFunction().method1's default
 _ROWS_PER_CALL = 64  # rows per forward when scoring perplexity; fixed so every call reuses one compilation
@@ -35,20 +36,24 @@ def next_line_prompts(tokenizer, texts, prefix_tokens: int, max_line_tokens: int
                       seed: int = 0) -> list[dict]:
     """Up to num_prompts {"prompt_tokens", "next_line"}, at most _CUTS_PER_TEXT per text, in text order.
 
-    The rule: tokenize the text; a cut e >= prefix_tokens qualifies when token e - 1 holds a newline followed only by
-    whitespace (so the prompt ends at a line break, with the next line's indentation as the tokenizer merges it),
-    and the next line is not blank and is finished (its newline reached) within max_line_tokens tokens, so a draft of
-    that many tokens can match it. Up to _CUTS_PER_TEXT qualifying cuts per text are drawn with `seed`; a prompt is the
-    prefix_tokens tokens before it, and the next line is the text after it up to its newline.
+    The rule: tokenize the text; a cut e with a prompt's worth of text tokens before it qualifies when token e - 1
+    holds a newline followed only by whitespace (so the prompt ends at a line break, with the next line's indentation
+    as the tokenizer merges it), and the next line is not blank and is finished (its newline reached) within
+    max_line_tokens tokens, so a draft of that many tokens can match it. Up to _CUTS_PER_TEXT qualifying cuts per text
+    are drawn with `seed`; a prompt is prefix_tokens tokens: the tokenizer's BOS where its post-processor adds one,
+    then the text tokens before the cut (the reference encodes with BOS and keeps the first prefix_tokens tokens);
+    the next line is the text after the cut up to its newline.
     """
     rng = np.random.default_rng(seed)
+    bos = tokenizer_lib.bos_ids(tokenizer)
+    text_tokens = prefix_tokens - len(bos)
     prompts = []
     for text in texts:
         if len(prompts) == num_prompts:
             break
         ids = tokenizer.encode(text, add_special_tokens=False).ids
         cuts = []
-        for e in range(prefix_tokens, len(ids)):
+        for e in range(max(text_tokens, 1), len(ids)):
             token_text = tokenizer.decode(ids[e - 1:e])
             if "\n" not in token_text or token_text.rsplit("\n", 1)[1].strip():
                 continue
@@ -57,7 +62,7 @@ def next_line_prompts(tokenizer, texts, prefix_tokens: int, max_line_tokens: int
                 cuts.append((e, following.split("\n", 1)[0]))
         for index in sorted(rng.permutation(len(cuts))[:min(_CUTS_PER_TEXT, num_prompts - len(prompts))]):
             e, line = cuts[index]
-            prompts.append({"prompt_tokens": ids[e - prefix_tokens:e], "next_line": line})
+            prompts.append({"prompt_tokens": bos + ids[e - text_tokens:e], "next_line": line})
     return prompts
 
 

@@ -4,20 +4,23 @@ Each prompt keeps ONE cache row. At every step the model sees a single superpose
 draft d] with gamma = softmax of the drafts' cumulative scores, and its one next-token distribution is shared by all
 drafts; the drafts differ through an n-gram model that conditions on each draft's own history:
 
-  p_hat = softmax(logits / temperature), cut to its top m tokens and renormalised  (m = 3k unless set)
-  s_d(v) = (1 - alpha) log p_hat(v) + alpha log p_ngram(v | draft d)    (-inf where the n-grams never saw v there;
-           (1 - alpha) log p_hat(v) - penalty for a draft none of whose candidates they saw)
+  p = softmax(logits / temperature) in float32; p_hat = its top m tokens, renormalised   (m = 3k in the reference)
+  s_d(v) = (1 - alpha) log p_hat(v) + alpha log p_ngram(v | draft d)    (-inf where p_hat(v) is 0 or the n-grams never
+           saw v there; (1 - alpha) log p_hat(v) - penalty for a draft none of whose candidates is finite)
   S(d, v) = score_d + s_d(v); the top 2k (draft, token) pairs refill the pools: stop-token ones merge into the top k
   finished, the top k others become the new alive drafts (on the first step all drafts are draft 0, whose score is 0
   while the empty slots start at -inf, so the top 2k come from draft 0 alone, as in the reference).
 
+As in the reference, p is a float32 probability: at temperature 0.06 a token more than ~6.2 logits below the top
+rounds to 0, so no n-gram support can bring it back (config.log_space_candidates keeps every top-m token finite
+instead). alpha, temperature and m left at REFERENCE take the reference's tuned values for k (REFERENCE_PARAMS).
 alpha = 0 is the reference's `smoothing=None` (LM only): no n-gram lookups and no pruning, so no store is needed.
 Decoding is deterministic. The output merges alive and finished drafts and sorts them by score per token (the
 reference's "lowest perplexity first", ppl = exp(-score / length), the stop token counted in the length).
 
   sampler = Sampler(model, params, tokenizer, SamplerConfig(max_new_tokens=10, stop_tokens=(eos,)),
                     strategy=Superposed(SuperposedConfig(num_drafts=3), store=ngram_store.load_ngram_store(path)))
-  output = sampler.generate(["def fib(n):\n"])
+  output = sampler.generate_tokens(prompt_ids)   # the reference's prompts start with BOS where the tokenizer adds one
   output.text[0]  # up to k distinct drafts of the first prompt, best first; output.tokens, output.scores alike
 
 It is a strategy of the decode engine (samplers/engine.py), which does the prompts, padding, prefill, sharding and
@@ -39,35 +42,51 @@ from samplers import ngram_store, stopping
 from samplers.strategy import Context, Emitted, Prefill, Strategy
 
 
+# The reference's tuned settings per number of drafts k, from its params/p15_d{k}_mixed.json (15-token prompts):
+# k -> (alpha, temperature). Every file has m = 3k candidates; a k without a file takes k = 3's alpha and temperature.
+REFERENCE_PARAMS = {2: (0.62, 0.06), 3: (0.54, 0.06), 4: (0.52, 0.06), 5: (0.60, 0.06), 6: (0.52, 0.06),
+                    10: (0.54, 0.12)}
+REFERENCE = -1  # alpha, temperature or num_candidates left at this take REFERENCE_PARAMS' value for num_drafts
+# log(2^-150): a float32 probability below half the smallest subnormal (2^-149) rounds to 0.
+_LOG_FLOAT32_ZERO = -150 * math.log(2)
+
+
 @dataclasses.dataclass(frozen=True)
 class SuperposedConfig:
-    """Superposed Decoding's settings (static under jit); defaults are the reference's `p15_d3_mixed.json`.
+    """Superposed Decoding's settings (static under jit); defaults are the reference's params file for num_drafts.
 
-    ngram_weights pair with ngram_orders and are used as given (the reference's sum to 0.5, unnormalised).
-    The token budget, stop tokens, buckets and cache length are the engine's (SamplerConfig).
+    alpha, temperature and num_candidates (m) at REFERENCE (-1) are REFERENCE_PARAMS[num_drafts]'s; `resolved()`
+    fills them in. ngram_weights pair with ngram_orders and are used as given (the reference's sum to 0.5,
+    unnormalised). The token budget, stop tokens, buckets and cache length are the engine's (SamplerConfig).
     """
 
     num_drafts: int = 3
-    num_candidates: int = 0  # m, candidate tokens per step; 0 = 3 * num_drafts
-    alpha: float = 0.54
-    temperature: float = 0.06
+    num_candidates: int = REFERENCE  # m, candidate tokens per step
+    alpha: float = float(REFERENCE)  # a float, so that the config field built from it takes float overrides
+    temperature: float = float(REFERENCE)
     ngram_orders: tuple[int, ...] = ngram_store.DEFAULT_ORDERS
     ngram_weights: tuple[float, ...] = ngram_store.REFERENCE_WEIGHTS
     no_support_penalty: float = 200.0
+    # True: candidates by log_softmax(logits / T), finite for every top-m token, so the n-gram term can pick a token
+    # whose float32 probability is 0 and which the reference never scores (decodelab's earlier variant).
+    log_space_candidates: bool = False
 
     def __post_init__(self):
         for name in ("ngram_orders", "ngram_weights"):
             object.__setattr__(self, name, tuple(getattr(self, name)))  # lists would make the config unhashable
-        k, m = self.num_drafts, self.num_candidates
+        k = self.num_drafts
         if not checks.is_int(k) or k < 1:
             raise InputError(f"superposed.num_drafts (k) must be an integer >= 1, got {k!r}")
-        if not checks.is_int(m) or (m != 0 and m < k):
-            raise InputError(f"superposed.num_candidates (m) must be 0 (= 3k) or an integer >= num_drafts={k}, "
-                             f"got {m!r}")
-        if not 0 <= self.alpha <= 1:
-            raise InputError(f"superposed.alpha must be in [0, 1], got {self.alpha}")
-        if not self.temperature > 0 or math.isinf(self.temperature):
-            raise InputError(f"superposed.temperature must be a finite number > 0, got {self.temperature}")
+        m = self.num_candidates
+        if not checks.is_int(m) or (m != REFERENCE and m < k):
+            raise InputError(f"superposed.num_candidates (m) must be {REFERENCE} (the reference's: 3k) or an "
+                             f"integer >= num_drafts={k}, got {m!r}")
+        if not (0 <= self.alpha <= 1 or self.alpha == REFERENCE):
+            raise InputError(f"superposed.alpha must be in [0, 1] or {REFERENCE} (the reference's for num_drafts), "
+                             f"got {self.alpha}")
+        if not (0 < self.temperature < math.inf or self.temperature == REFERENCE):
+            raise InputError(f"superposed.temperature must be a finite number > 0 or {REFERENCE} (the reference's "
+                             f"for num_drafts), got {self.temperature}")
         orders = self.ngram_orders
         if (not orders or not all(checks.is_int(n) for n in orders) or list(orders) != sorted(set(orders))
                 or orders[0] < 2):
@@ -75,15 +94,23 @@ class SuperposedConfig:
         if len(self.ngram_weights) != len(orders):
             raise InputError(f"superposed.ngram_weights has {len(self.ngram_weights)} values for "
                              f"{len(orders)} ngram_orders {orders}; give one weight per order")
-        if any(not 0 <= w < math.inf for w in self.ngram_weights) or (self.alpha > 0 and not sum(self.ngram_weights)):
+        if any(not 0 <= w < math.inf for w in self.ngram_weights) or (self.alpha != 0 and not sum(self.ngram_weights)):
             raise InputError(f"superposed.ngram_weights must be finite, >= 0 and not all 0, got {self.ngram_weights}")
         if not 0 <= self.no_support_penalty < math.inf:
             raise InputError(
                 f"superposed.no_support_penalty must be a finite number >= 0, got {self.no_support_penalty}")
+        if not isinstance(self.log_space_candidates, bool):
+            raise InputError(
+                f"superposed.log_space_candidates must be True or False, got {self.log_space_candidates!r}")
 
-    @property
-    def m(self) -> int:
-        return self.num_candidates or 3 * self.num_drafts
+    def resolved(self) -> "SuperposedConfig":
+        """This config with alpha, temperature and num_candidates at REFERENCE replaced by REFERENCE_PARAMS'."""
+        k = self.num_drafts
+        alpha, temperature = REFERENCE_PARAMS.get(k, REFERENCE_PARAMS[3])
+        given = lambda value, default: default if value == REFERENCE else value
+        return dataclasses.replace(self, alpha=given(self.alpha, alpha),
+                                   temperature=given(self.temperature, temperature),
+                                   num_candidates=given(self.num_candidates, 3 * k))
 
 
 @flax.struct.dataclass
@@ -114,14 +141,14 @@ class Superposed(Strategy):
     """Superposed Decoding as a strategy of the decode engine.
 
     store: an `ngram_store.NgramStore` holding every order of config.ngram_orders; needed when alpha > 0. It is put on
-    the device(s) once (`prepare`) and reaches the jitted step as ctx.constants.
+    the device(s) once (`prepare`) and reaches the jitted step as ctx.constants. self.config is `config.resolved()`.
     """
 
     tokens_per_step = 0
     done_reason = "drafts_done"
 
     def __init__(self, config: SuperposedConfig = SuperposedConfig(), store=None):
-        self.config, self.store = config, store
+        self.config, self.store = config.resolved(), store
 
     def prepare(self, sampler):
         cfg, store = self.config, self.store
@@ -207,10 +234,9 @@ class Superposed(Strategy):
     def _select(self, ctx: Context, state: SuperposedState, logits_BV) -> SuperposedState:
         """Scores the k x m (draft, candidate) pairs, refills the alive and finished pools, and advances a step."""
         cfg = self.config
-        k, M, alpha = cfg.num_drafts, cfg.m, cfg.alpha
+        k, M, alpha = cfg.num_drafts, cfg.num_candidates, cfg.alpha
         B = logits_BV.shape[0]
-        top_BM, candidates_BM = jax.lax.top_k(jax.nn.log_softmax(logits_BV / cfg.temperature, axis=-1), M)
-        lm_BM = top_BM - jax.nn.logsumexp(top_BM, axis=-1, keepdims=True)  # renormalised over the top m
+        lm_BM, candidates_BM = candidates(cfg, logits_BV)
         if alpha > 0:
             store = ctx.constants
             history_BDW, history_len_BD = _recent_tokens(state, store)
@@ -219,7 +245,9 @@ class Superposed(Strategy):
                                                                    candidates_BDM, self._weights(store))
             mixed_BDM = jnp.where(supported_BDM, (1 - alpha) * lm_BM[:, None] + alpha * ngram_BDM, -jnp.inf)
             fallback_BDM = jnp.broadcast_to((1 - alpha) * lm_BM[:, None] - cfg.no_support_penalty, (B, k, M))
-            step_BDM = jnp.where(supported_BDM.any(-1, keepdims=True), mixed_BDM, fallback_BDM)
+            # The reference falls back where no candidate is finite: also where the n-grams support only tokens
+            # of probability 0.
+            step_BDM = jnp.where(jnp.isfinite(mixed_BDM).any(-1, keepdims=True), mixed_BDM, fallback_BDM)
         else:
             step_BDM = jnp.broadcast_to(lm_BM[:, None], (B, k, M))
         scores_BF = (state.alive_score_BD[:, :, None] + step_BDM).reshape(B, k * M)
@@ -242,6 +270,21 @@ class Superposed(Strategy):
             finished_BDN=jnp.take_along_axis(pool_BCN, finished_BD[:, :, None], axis=1),
             finished_score_BD=finished_score_BD,
         )
+
+
+def candidates(config: SuperposedConfig, logits_BV) -> tuple[jax.Array, jax.Array]:
+    """(log p_hat_BM, candidates_BM): the top m tokens of softmax(logits / T) (a resolved config's m and T) and their
+    log-probabilities renormalised over the m.
+
+    The reference renormalises float32 probabilities, so a token whose probability rounds to 0 gets log 0 = -inf.
+    They are computed from log_softmax here, zero where it is below log(2^-150), because XLA on CPU flushes float32
+    subnormals to 0 while the reference (torch on CUDA) and numpy keep them: exp would drop tokens 5.2 to 6.2 logits
+    below the top at T = 0.06 that the reference keeps (with log p of -90 to -104)."""
+    log_p_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32) / config.temperature, axis=-1)
+    top_BM, candidates_BM = jax.lax.top_k(log_p_BV, config.num_candidates)
+    if not config.log_space_candidates:
+        top_BM = jnp.where(top_BM < _LOG_FLOAT32_ZERO, -jnp.inf, top_BM)
+    return top_BM - jax.nn.logsumexp(top_BM, axis=-1, keepdims=True), candidates_BM
 
 
 def _nothing(batch: int) -> Emitted:

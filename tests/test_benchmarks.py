@@ -1,15 +1,21 @@
 """The benchmark scripts run end to end at toy sizes and write what their docstrings promise (no timing is checked)."""
 
 import json
+import pathlib
 
+import jax
 import numpy as np
 import pytest
+import tokenizers
 
-from benchmarks import accelerator, decode, lightning
+from benchmarks import accelerator, decode, lightning, superposed
+from checkpoints import huggingface
+from configs import lm
+from models import registry
 
 
+@pytest.mark.torch
 def test_decode_benchmark_matches_transformers_and_reports_the_roofline(tmp_path):
-    pytest.importorskip("transformers")
     decode.main(["--presets", "tiny", "--batch-sizes", "1,2", "--max-new-tokens", "4", "--repeats", "1",
                  "--torch-threads", "1", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "decode.json").read_text())
@@ -68,3 +74,51 @@ def test_accelerator_smoke_reports_every_section(tmp_path):
     targets = {target["target"]: target for target in report["targets"]}
     assert len(targets) == 7 and targets["kernels within tolerance of their references"]["met"]
     assert all(target["met"] is not None or target["note"] for target in targets.values())  # n/a says why
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random 2-layer Llama with a 300-token BPE, as a Hugging Face directory: what --init-from=hf:DIR reads."""
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([pathlib.Path(json.__file__).read_text()], trainer)
+    directory = tmp_path_factory.mktemp("checkpoint")
+    tokenizer.save(str(directory / "tokenizer.json"))
+    model_config = lm.get_config("tiny").model
+    model_config.update(vocab_size=300, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                        mlp_dim=128)
+    model = registry.build(model_config)
+    params = model.init(jax.random.key(0), *model.example_inputs())["params"]
+    return huggingface.export_hf(params, model_config, str(directory / "tokenizer.json"), str(directory / "hf"))
+
+
+@pytest.mark.torch
+def test_decode_benchmark_runs_a_checkpoint(checkpoint, tmp_path):
+    decode.main(["--init-from", f"hf:{checkpoint}", "--batch-sizes", "1", "--max-new-tokens", "4", "--repeats", "1",
+                 "--torch-threads", "1", "--out", str(tmp_path)])
+    (result,) = json.loads((tmp_path / "decode.json").read_text())["results"]
+    assert result["init_from"] == f"hf:{checkpoint}" and result["params"] < 200_000  # the checkpoint's, not tiny's
+    assert result["tokens_equal_hf_fraction"] == 1.0 and 0 < result["roofline_fraction"]
+
+
+def test_superposed_benchmark_on_a_checkpoint_with_held_out_prompts(checkpoint, tmp_path):
+    """The new modes: --init-from and --prompts=held-out (the tokenizer is the checkpoint's, the workdir empty)."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    superposed.main(["--init-from", f"hf:{checkpoint}", "--workdir", str(workdir), "--prompts", "held-out",
+                     "--ks", "2,3", "--batch", "2", "--repeats", "1", "--synthetic-tokens", "5000",
+                     "--out", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "superposed.json").read_text())
+    assert (tmp_path / "out" / "superposed.png").stat().st_size > 0
+    assert (report["model"], report["prompts"], report["ngram_store"]["source"]) == (
+        f"hf:{checkpoint}", "held-out", "synthetic")
+    # Per-k settings from the reference's params files.
+    assert [(r["k"], r["m"], r["alpha"]) for r in report["results"]] == [(2, 6, 0.62), (3, 9, 0.54)]
+    for row in report["results"]:
+        assert all(row[f"{name}_s"] > 0 for name in ("superposed", "superposed_no_ngram", "nucleus_sequential",
+                                                     "nucleus_batched", "greedy"))
+        assert np.isclose(row["ratio_to_greedy"], row["superposed_s"] / row["greedy_s"])
+    assert len(report["targets_at_k3"]) == 2
