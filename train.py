@@ -1,4 +1,4 @@
-"""Trains the model family config.model.name names, sharded over every device of every process.
+"""Trains the model family that config.model.name names, sharded over every device of every process.
 
   python train.py --config=configs/lm.py:tiny --workdir=workdirs/tiny
 
