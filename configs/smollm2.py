@@ -26,11 +26,12 @@ SmolLM2 itself; drafts ranked by score), 3.7 minutes:
     nucleus x3    3.87 / 4.16 / 4.55     2.84        0.031 / 0.094   0.21
     greedy        3.30                   3.30        0.062
 With --config.evaluate.superposed.num_prompts=128 (9.3 minutes): best of 3 4.28 (superposed), 2.90 (nucleus), 3.00
-(greedy); superposed's P@3 0.078 (10 prompts) against greedy's P@1 0.070 (9). Superposed's best of 3 is worse than nucleus's: its drafts are
-one beam, sharing their prefix (self-BLEU 0.83), so the best is barely below draft 1, while nucleus takes the best of
-3 independent samples; and draft 1 is graded by the model that the n-grams pull it away from (alpha 0: draft 1 3.58,
-best of 3 3.51). The drafts share their first line, so Superposed's P@1 = P@3. log_space_candidates=True gives the
-same table here. Speed, the same prompts (batch 1, 10 new tokens, medians of 21 runs), 15 minutes:
+(greedy); superposed's P@3 0.078 (10 prompts) against greedy's P@1 0.070 (9). Superposed's best of 3 is worse
+than nucleus's: its drafts are one beam, sharing their prefix (self-BLEU 0.83), so the best is barely below
+draft 1, while nucleus takes the best of 3 independent samples; and draft 1 is graded by the model that the
+n-grams pull it away from (alpha 0: draft 1 3.58, best of 3 3.51). The drafts share their first line, so
+Superposed's P@1 = P@3. log_space_candidates=True gives the same table here. Speed, the same prompts (batch 1,
+10 new tokens, medians of 21 runs), 15 minutes:
     python benchmarks/superposed.py --init-from=gguf:PATH --workdir=workdirs/smollm2 --prompts=held-out
 k = 3: Superposed 0.65 s, 3 sequential nucleus runs 2.41 s (3.7x), greedy 0.61 s (Superposed 1.06x); at batch 32
 (--ks=3 --batch=32 --repeats=7, the evaluator's 32 prompts) 6.13 s, 22.0 s (3.6x), 5.93 s (1.03x).

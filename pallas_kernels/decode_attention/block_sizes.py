@@ -17,6 +17,7 @@ import dataclasses
 
 from jax.experimental import pallas as pl
 
+import shapes
 from errors import InputError
 from errors.checks import is_int
 from pallas_kernels.backend import triton_width
@@ -65,7 +66,7 @@ class BlockSizes:
         else:
             block = _TPU_DEFAULT_BLOCK if self.block_size is None else self.block_size
             _check_sublanes(block)
-            block, warps, stages = min(block, pl.cdiv(cache_len, 8) * 8), None, None
+            block, warps, stages = min(block, shapes.round_up(cache_len, 8)), None, None
             splits = pl.cdiv(cache_len, _TPU_MAX_SPLIT_POSITIONS) if self.num_splits is None else self.num_splits
         total_blocks = pl.cdiv(cache_len, block)
         per_split = pl.cdiv(total_blocks, min(splits, total_blocks))

@@ -23,9 +23,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
+from jax.experimental.pallas import tpu as pltpu, triton as pltriton
 
+import shapes
 from pallas_kernels.backend import triton_width
 
 # TPU stores m and l lane-dense as [G, 128]; GPU stores them as [G, 1].
@@ -192,11 +192,11 @@ def decode_attention_pallas(q_BNH, k_BKSH, v_BKSH, lengths_B, *, scale, blocks, 
         # cheap; padding K/V copies the cache, which never happens for head_dim 64/128 and cache_len a multiple
         # of block_size (how the model allocates it). Loads past S would read out of bounds, so S is padded too.
         group_pad, head_pad = triton_width(group), triton_width(head_dim)
-        cache_pad = pl.cdiv(cache_len, blocks.block_size) * blocks.block_size
+        cache_pad = shapes.round_up(cache_len, blocks.block_size)
     else:
         # Mosaic takes full-size trailing block dims, rows padded to the 8 sublanes; a partial last split is
         # padded by the pipeline and masked by the length, so the cache is never copied.
-        group_pad, head_pad, cache_pad = pl.cdiv(group, 8) * 8, head_dim, cache_len
+        group_pad, head_pad, cache_pad = shapes.round_up(group, 8), head_dim, cache_len
     q_BKGH = q_BNH.reshape(batch, kv_heads, group, head_dim)
     q_BKGH = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, group_pad - group), (0, head_pad - head_dim)))
     kv_pad = ((0, 0), (0, 0), (0, cache_pad - cache_len), (0, head_pad - head_dim))

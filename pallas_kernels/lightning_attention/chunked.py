@@ -9,13 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import shapes
+
 
 def chunked(q_BTHD, k_BTHD, v_BTHE, decay_H, initial_state_BHDE, *, block_size):
     """Returns (o_BTHE in the input dtype, final_state_BHDE in float32); T need not divide block_size."""
     B, T, H, D = q_BTHD.shape
     E = v_BTHE.shape[-1]
     C = block_size
-    N = -(-T // C)
+    N = shapes.round_up(T, C) // C
     pad = N * C - T
     # Zero padding at the end adds nothing to the state; the last block's decays below use its true length.
     q, k, v = (jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_BTHD, k_BTHD, v_BTHE))

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
+from jax.experimental.pallas import tpu as pltpu, triton as pltriton
 
+import shapes
 from pallas_kernels.backend import triton_width
 
 _F32 = jnp.float32
@@ -471,7 +471,7 @@ def pallas_attention(
     """
     B, T, H, D = q_BTHD.shape
     E = v_BTHE.shape[-1]
-    Tp = -(-T // block_size) * block_size
+    Tp = shapes.round_up(T, block_size)
     log_decay_H = jnp.log(decay_H.astype(_F32))
     s0 = initial_state_BHDE.astype(_F32)
     q, k, v = (_pad_axis(x, 1, Tp) for x in (q_BTHD, k_BTHD, v_BTHE))
