@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import token_tree
 from models.kv_cache import KVCache
 from models.layers import RMSNorm, dense_init
 from models.rope import Rope
@@ -66,9 +67,10 @@ class Attention(nn.Module):
         return KVCache.init(batch_size, self.num_kv_heads, cache_len, self.head_dim, self.dtype)
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, num_new_B=None, cache: KVCache | None = None):
+    def __call__(self, x_BTD, positions_BT, num_new_B=None, cache: KVCache | None = None, tree_mask_TN=None):
         """Without a cache: causal attention over the sequence. With one: the tokens are written at their
-        positions and attend to everything the cache holds up to their own position."""
+        positions and attend to everything the cache holds up to their own position; or, the nodes of a token
+        tree (models/token_tree.py), written after the prefix, attend to the prefix and their ancestors."""
         del num_new_B  # tokens past a row's count are written past its length, where no later query looks
         D = x_BTD.shape[-1]
 
@@ -97,8 +99,9 @@ class Attention(nn.Module):
         if cache is None:
             out_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, self.implementation)
         else:
-            cache = cache.write(k_BTKH, v_BTKH, positions_BT)
-            out_BTNH = cache.attend(q_BTNH, positions_BT, self.implementation)
+            slots_BT = positions_BT if tree_mask_TN is None else token_tree.write_slots(positions_BT, tree_mask_TN)
+            cache = cache.write(k_BTKH, v_BTKH, slots_BT)
+            out_BTNH = cache.attend(q_BTNH, positions_BT, self.implementation, tree_mask_TN, slots_BT)
 
         out_kernel_NHD = self.param("out_kernel", nn.with_logical_partitioning(
             dense_init(self.out_init_scale, in_axis=(0, 1), out_axis=2), ("heads", "kv", "embed")),

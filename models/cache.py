@@ -1,11 +1,15 @@
 """The decode cache: every token mixer owns its layer cache; a model's cache is their tuple plus per-row lengths.
 
 A layer cache is a flax.struct pytree that its layer creates (the mixer's `init_cache`), writes and reads inside its
-own `__call__`, and that answers three questions for everyone else:
+own `__call__`, and that answers these for everyone else:
 
   logical_axes()            the same tree with a PartitionSpec of logical names for each array (sharding)
   capacity                  the positions it can hold, or None for a fixed-size state that never fills
   rollback(num_dropped_B)   the cache as if row b's last num_dropped_B[b] written tokens had never been written
+  keep_path(start_B, num_written_B, path_BL, path_len_B)
+                            after a token tree (models/token_tree.py) was written from slot start_B (its last
+                            num_written_B tokens), the cache as if only the nodes path_BL[b, :path_len_B[b]] (a
+                            path from a root, in order) had been written
 
 Nothing outside a layer reads its cache's fields: the engine and the decoding strategies see only `Cache`.
 A new cache type (a compressed KV cache, a state-space state) is one class with these three members, created by
@@ -27,6 +31,8 @@ class LayerCache(Protocol):
     def capacity(self) -> int | None: ...
 
     def rollback(self, num_dropped_B: jax.Array) -> "LayerCache": ...
+
+    def keep_path(self, start_B, num_written_B, path_BL, path_len_B) -> "LayerCache": ...
 
 
 @flax.struct.dataclass
@@ -57,6 +63,14 @@ class Cache:
         window: see the layer caches); continuing from it equals never having written the dropped tokens."""
         num_dropped_B = self.lengths_B - lengths_B
         return Cache(tuple(layer.rollback(num_dropped_B) for layer in self.layers), lengths_B)
+
+    def keep_path(self, start_B: jax.Array, path_BL: jax.Array, path_len_B: jax.Array) -> "Cache":
+        """After a token tree was written from length start_B, the cache holding only the path
+        path_BL[b, :path_len_B[b]] of it (node indices of the tree, a root first), as if only it had been written.
+        The tree must lie within every layer's rollback window."""
+        num_written_B = self.lengths_B - start_B
+        return Cache(tuple(layer.keep_path(start_B, num_written_B, path_BL, path_len_B) for layer in self.layers),
+                     start_B + path_len_B)
 
     def logical_axes(self) -> "Cache":
         return Cache(tuple(layer.logical_axes() for layer in self.layers), P("cache_batch"))

@@ -53,10 +53,11 @@ class LightningMixer(nn.Module):
                                 rollback_window)
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT=None, num_new_B=None, cache: LinearState | None = None):
+    def __call__(self, x_BTD, positions_BT=None, num_new_B=None, cache: LinearState | None = None,
+                 tree_mask_TN=None):
         """Without a cache: a causal pass from an empty state. With one: the tokens continue each row's state;
-        only row b's first num_new_B[b] tokens count (right-padded prompts). Positions play no part: the decays
-        order the tokens."""
+        only row b's first num_new_B[b] tokens count (right-padded prompts), or they are the nodes of a token
+        tree (tree_mask_TN, models/token_tree.py). Positions play no part: the decays order the tokens."""
         D, N, H = x_BTD.shape[-1], self.num_heads, self.head_dim
 
         def kernel(name, shape, axes, in_axis, out_axis, scale=1.0):
@@ -77,7 +78,7 @@ class LightningMixer(nn.Module):
         else:
             o_BTNH, cache = cache.update(q_BTNH, k_BTNH, v_BTNH, num_new_B, implementation=self.implementation,
                                          decode_implementation=self.decode_implementation,
-                                         block_size=self.block_size)
+                                         block_size=self.block_size, tree_mask_TN=tree_mask_TN)
 
         T = x_BTD.shape[1]
         o_BTF = RMSNorm(self.norm_eps, self.dtype, "heads", name="attention_output_norm")(o_BTNH.reshape(-1, T, N * H))

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from errors import InputError, checks
+from models import token_tree
 from models.attention import IMPLEMENTATIONS as SOFTMAX_IMPLEMENTATIONS, Attention
 from models.cache import Cache
 from models.layers import RMSNorm, SwiGLU
@@ -122,8 +123,9 @@ def residual_init_scale(cfg: Config) -> float:
 
 
 def make_mixer(cfg: Config, layer_index: int, parent=None) -> nn.Module:
-    """Layer `layer_index`'s token mixer; every mixer is called as mixer(x_BTD, positions_BT, num_new_B, cache)
-    and owns its cache (init_cache). parent None: a detached module whose methods need no parameters."""
+    """Layer `layer_index`'s token mixer; every mixer is called as
+    mixer(x_BTD, positions_BT, num_new_B, cache, tree_mask_TN) and owns its cache (init_cache). parent None: a
+    detached module whose methods need no parameters."""
     dtype = jnp.dtype(cfg.dtype)
     if cfg.mixer(layer_index) == "softmax":
         return Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope, cfg.softmax_implementation, dtype,
@@ -145,11 +147,12 @@ class Block(nn.Module):
     layer_index: int
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, num_new_B, cache):
+    def __call__(self, x_BTD, positions_BT, num_new_B, cache, tree_mask_TN=None):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         h_BTD = RMSNorm(cfg.norm_eps, dtype, "embed", name="attention_norm")(x_BTD)
-        h_BTD, cache = make_mixer(cfg, self.layer_index, parent=self)(h_BTD, positions_BT, num_new_B, cache)
+        h_BTD, cache = make_mixer(cfg, self.layer_index, parent=self)(h_BTD, positions_BT, num_new_B, cache,
+                                                                      tree_mask_TN)
         x_BTD = x_BTD + h_BTD
         h_BTD = SwiGLU(cfg.mlp_dim, dtype, residual_init_scale(cfg), name="mlp")(
             RMSNorm(cfg.norm_eps, dtype, "embed", name="mlp_norm")(x_BTD))
@@ -162,7 +165,7 @@ class Model(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BT, cache: Cache | None = None, num_new_B=None, token_weights_BTK=None,
-                 logits_at_B=None):
+                 logits_at_B=None, tree_mask_TN=None):
         """Logits for every position, and the cache with these tokens appended.
 
         Without a cache the tokens start at position 0 (training). With one, row b continues at
@@ -170,7 +173,9 @@ class Model(nn.Module):
         prompts of different lengths prefill in one call. With token_weights_BTK, tokens are [B, T, K] and each
         position's input is the weighted sum of its K token embeddings (Superposed Decoding's superposition).
         With logits_at_B, only row b's position logits_at_B[b] is unembedded ([B, 1, V]): a prefill samples one
-        position per row, and unembedding all T would cost T times more.
+        position per row, and unembedding all T would cost T times more. With tree_mask_TN (a static [T, N]
+        numpy array, models/token_tree.py) the tokens are nodes of a token tree continuing the cache: each sees
+        the prefix and its ancestors, at position prefix length + depth.
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -184,7 +189,11 @@ class Model(nn.Module):
         x_BTD = nn.with_logical_constraint(x_BTD.astype(dtype), ("act_batch", "act_len", "act_embed"))
 
         offsets_B = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths_B
-        positions_BT = offsets_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        if tree_mask_TN is None:
+            positions_BT = offsets_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        else:
+            tree_start_B = offsets_B - (tree_mask_TN.shape[1] - T)
+            positions_BT = tree_start_B[:, None] + jnp.asarray(token_tree.depths(tree_mask_TN), jnp.int32)[None]
         if cache is not None and num_new_B is None:
             num_new_B = jnp.full((B,), T, jnp.int32)
 
@@ -194,7 +203,8 @@ class Model(nn.Module):
         new_layers = []
         for i in range(cfg.num_layers):
             layer_cache = None if cache is None else cache.layers[i]
-            x_BTD, layer_cache = block_class(cfg, i, name=f"layer_{i}")(x_BTD, positions_BT, num_new_B, layer_cache)
+            x_BTD, layer_cache = block_class(cfg, i, name=f"layer_{i}")(x_BTD, positions_BT, num_new_B, layer_cache,
+                                                                        tree_mask_TN)
             new_layers.append(layer_cache)
         x_BTD = RMSNorm(cfg.norm_eps, dtype, "embed", name="final_norm")(x_BTD)
         if logits_at_B is not None:

@@ -273,6 +273,48 @@ def _lookup(store: NgramStore, query_Q3: jax.Array) -> tuple[jax.Array, jax.Arra
     return count_Q, context_count_Q
 
 
+def _context_hashes(store: NgramStore, history_BDT, history_len_BD):
+    """[B, D, orders, 2] the key of each order's context: the history's last n - 1 tokens."""
+    B, D, T = history_BDT.shape
+    # Gather the last max_context tokens once; column j holds the (j + 1)-th most recent token.
+    offsets_K = jnp.arange(1, store.orders[-1])
+    idx_BDK = jnp.clip(history_len_BD[..., None] - offsets_K[None, None], 0, T - 1)
+    recent_BDK = jnp.take_along_axis(history_BDT, idx_BDK, axis=-1).astype(jnp.uint32)
+    state = _initial_state((B, D), jnp)
+    context_hashes = []
+    for k in range(1, store.orders[-1]):
+        state = _absorb(*state, recent_BDK[..., k - 1], jnp)
+        if k + 1 in store.orders:
+            context_hashes.append(jnp.stack(_finalize(*state, k, jnp), axis=-1))
+    return jnp.stack(context_hashes, axis=2)
+
+
+def top_continuations(store: NgramStore, history_BDT: jax.Array, history_len_BD: jax.Array, k: int,
+                      rows: int = 32) -> tuple[jax.Array, jax.Array]:
+    """The k most frequent next tokens after each history's longest context the store has seen, and their counts
+    (0: none), int32 (B, D, k). Among the context's first `rows` stored continuations (rows are sorted by token, not
+    count): exact for the long contexts that have few continuations, an approximation for short ones."""
+    B, D, _ = history_BDT.shape
+    key_R3, counts_R2 = jnp.asarray(store.key_R3), jnp.asarray(store.counts_R2)
+    context_BDO2 = _context_hashes(store, history_BDT, history_len_BD)
+    query_Q3 = jnp.concatenate([context_BDO2, jnp.zeros(context_BDO2.shape[:-1] + (1,), jnp.uint32)], -1)
+    first_Q = _lower_bound(store, key_R3, query_Q3.reshape(-1, 3))
+    rows_QW = jnp.minimum(first_Q[:, None] + jnp.arange(rows)[None], key_R3.shape[0] - 1)
+    same_QW = jnp.all(key_R3[rows_QW][..., :2] == query_Q3.reshape(-1, 3)[:, None, :2], axis=-1)
+    num_orders = len(store.orders)
+    counts_BDOW = jnp.where(same_QW, counts_R2[rows_QW][..., 0], 0).reshape(B, D, num_orders, rows)
+    long_enough_BDO = history_len_BD[..., None] >= jnp.asarray(store.orders)[None, None] - 1
+    counts_BDOW = jnp.where(long_enough_BDO[..., None], counts_BDOW, 0)
+    seen_BDO = jnp.any(counts_BDOW > 0, axis=-1)
+    # The longest seen order: the last True along the orders axis (orders are increasing).
+    order_BD = num_orders - 1 - jnp.argmax(seen_BDO[..., ::-1], axis=-1)
+    counts_BDW = jnp.take_along_axis(counts_BDOW, order_BD[..., None, None], axis=2)[:, :, 0]
+    tokens_BDW = key_R3[rows_QW][..., 2].reshape(B, D, num_orders, rows)
+    tokens_BDW = jnp.take_along_axis(tokens_BDW, order_BD[..., None, None], axis=2)[:, :, 0]
+    top_counts_BDk, top_BDk = jax.lax.top_k(counts_BDW, k)
+    return jnp.take_along_axis(tokens_BDW, top_BDk, axis=-1).astype(jnp.int32), top_counts_BDk
+
+
 def ngram_counts(store: NgramStore, history_BDT: jax.Array, history_len_BD: jax.Array,
                  candidates_BDM: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per order, count(context, candidate) and count(context, .), each int32 of shape (B, D, M, len(orders)).
@@ -284,18 +326,8 @@ def ngram_counts(store: NgramStore, history_BDT: jax.Array, history_len_BD: jax.
     B, D, T = history_BDT.shape
     M = candidates_BDM.shape[-1]
     num_orders = len(store.orders)
-    # Gather the last max_context tokens once; column j holds the (j + 1)-th most recent token.
-    offsets_K = jnp.arange(1, store.orders[-1])
-    idx_BDK = jnp.clip(history_len_BD[..., None] - offsets_K[None, None], 0, T - 1)
-    recent_BDK = jnp.take_along_axis(history_BDT, idx_BDK, axis=-1).astype(jnp.uint32)
-    state = _initial_state((B, D), jnp)
-    context_hashes = []
-    for k in range(1, store.orders[-1]):
-        state = _absorb(*state, recent_BDK[..., k - 1], jnp)
-        if k + 1 in store.orders:
-            context_hashes.append(jnp.stack(_finalize(*state, k, jnp), axis=-1))
+    context_BDO2 = _context_hashes(store, history_BDT, history_len_BD)
     # All orders share one table (the hash includes the context length), so one search answers B*D*M*O queries.
-    context_BDO2 = jnp.stack(context_hashes, axis=2)
     query_BDMO3 = jnp.concatenate([
         jnp.broadcast_to(context_BDO2[:, :, None], (B, D, M, num_orders, 2)),
         jnp.broadcast_to(candidates_BDM.astype(jnp.uint32)[..., None, None], (B, D, M, num_orders, 1)),

@@ -41,7 +41,6 @@ from models.cache import Cache
 from samplers import ngram_store, stopping
 from samplers.strategy import Context, Emitted, Prefill, Strategy
 
-
 # The reference's tuned settings per number of drafts k, from its params/p15_d{k}_mixed.json (15-token prompts):
 # k -> (alpha, temperature). Every file has m = 3k candidates; a k without a file takes k = 3's alpha and temperature.
 REFERENCE_PARAMS = {2: (0.62, 0.06), 3: (0.54, 0.06), 4: (0.52, 0.06), 5: (0.60, 0.06), 6: (0.52, 0.06),

@@ -19,9 +19,11 @@ from models.cache import Cache
 from models.llama import Config, Model
 from parallel import mesh as mesh_lib
 from samplers import ngram_store, stopping
+from samplers.draft_model import DraftModel
 from samplers.engine import Sampler, SamplerConfig
 from samplers.plain import PlainSampling
 from samplers.sampling import SamplingConfig
+from samplers.speculative import Speculative, SpeculativeConfig
 from samplers.strategy import Emitted, Strategy
 from samplers.superposed import Superposed, SuperposedConfig
 
@@ -35,11 +37,19 @@ def _store():
     return ngram_store.build_ngram_store([rng.integers(0, VOCAB, 50) for _ in range(30)], (2, 3), vocab_size=VOCAB)
 
 
+def _draft_model():
+    draft = Model(Config(vocab_size=VOCAB, num_layers=1, embed_dim=16, num_heads=2, num_kv_heads=2, head_dim=8,
+                         mlp_dim=32, max_seq_len=256))
+    return DraftModel(draft, nn.meta.unbox(draft.init(jax.random.key(1), *draft.example_inputs())["params"]))
+
+
 # Every strategy class of samplers/ and how to make one; a new strategy must be added here to be checked.
 STRATEGIES = {
     "PlainSampling": lambda: PlainSampling(SamplingConfig(temperature=0.9, top_k=20, repetition_penalty=1.2)),
     "Superposed": lambda: Superposed(SuperposedConfig(num_drafts=2, ngram_orders=(2, 3), ngram_weights=(0.1, 0.2)),
                                      _store()),
+    "Speculative": lambda: Speculative(SpeculativeConfig((2, 1), SamplingConfig(temperature=0.9, top_k=20)),
+                                       _draft_model()),
 }
 
 
