@@ -20,6 +20,7 @@ from models.llama import Config, Model
 from parallel import mesh as mesh_lib
 from samplers import ngram_store, stopping
 from samplers.engine import Sampler, SamplerConfig
+from samplers.jacobi import Jacobi, JacobiConfig
 from samplers.plain import PlainSampling
 from samplers.sampling import SamplingConfig
 from samplers.strategy import Emitted, Strategy
@@ -37,6 +38,7 @@ def _store():
 
 # Every strategy class of samplers/ and how to make one; a new strategy must be added here to be checked.
 STRATEGIES = {
+    "Jacobi": lambda: Jacobi(JacobiConfig(window=4)),
     "PlainSampling": lambda: PlainSampling(SamplingConfig(temperature=0.9, top_k=20, repetition_penalty=1.2)),
     "Superposed": lambda: Superposed(SuperposedConfig(num_drafts=2, ngram_orders=(2, 3), ngram_weights=(0.1, 0.2)),
                                      _store()),
