@@ -1,12 +1,19 @@
 """Jacobi decoding against the engine's greedy decoding: the same tokens and the same cache on random softmax,
 lightning and hybrid models (batched, ragged prompts, stop tokens, a nearly full cache), fewer forwards than tokens
-on a model whose greedy output repeats, and its input rules."""
+on a model whose greedy output repeats, its input rules, and its evaluator."""
+
+import json.decoder
+import pathlib
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import tokenizers
 
+import evaluators
+from configs import lm
+from data import tokenizer as tokenizer_lib
 from errors import InputError
 from models.kv_cache import KVCache
 from models.linear_state import LinearState
@@ -131,3 +138,43 @@ def test_bad_input_raises_one_line_input_error(make, match):
     with pytest.raises(InputError, match=match) as error:
         make()
     assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The evaluator (evaluators/jacobi.py), on next-line prompts of a held-out stdlib file.
+
+def _tokenizer(text: str) -> tokenizers.Tokenizer:
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=VOCAB * 4, special_tokens=[tokenizer_lib.EOS],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([text], trainer)
+    return tokenizer
+
+
+def test_evaluator_reports_greedy_tokens_and_the_counts():
+    config = lm.get_config("tiny")
+    config.evaluate.jacobi.update(window=4, prefix_tokens=16, new_tokens=8, num_prompts=3)
+    evaluators.validate(("jacobi",), config, "config.evaluate.run")
+    text = pathlib.Path(json.decoder.__file__).read_text()
+    model = _model("lightning,softmax", vocab_size=VOCAB * 4)
+    context = evaluators.Context(config, "", model, _tokenizer(text), {"validation": [{"text": text}]}, None, None)
+    evaluator = evaluators.build("jacobi", context)
+    results = evaluator.run(_params(model))
+    evaluator.report(results)
+    assert (results["prompts"], results["window"], results["equal_to_greedy"]) == (3, 4, 1.0)
+    assert results["committed"] == results["iterations"] + results["fast_forwarded"] > 0
+    assert results["generated_tokens"] <= 3 * 8 and results["tokens_per_iteration"] >= 1
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("window", 0, r"^config\.evaluate\.jacobi\.window=0 must be an integer >= 1$"),
+    ("window", 2047, r"^config\.evaluate\.jacobi\.window=2047: .* config\.model\.max_seq_len=2048 cannot hold$"),
+    ("new_tokens", 0, r"^config\.evaluate\.jacobi\.new_tokens=0 must be an integer >= 1$"),
+])
+def test_bad_evaluator_settings_raise_one_line_input_error(key, value, match):
+    config = lm.get_config("tiny")
+    config.evaluate.jacobi[key] = value
+    with pytest.raises(InputError, match=match):
+        evaluators.validate(("jacobi",), config, "config.evaluate.run")
