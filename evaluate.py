@@ -3,8 +3,8 @@
   python evaluate.py --config=configs/lm.py:tiny --workdir=workdirs/tiny
 
 Runs the evaluators named in config.evaluate.run (evaluators/: validation loss, perplexity and bits per byte;
-completions of code prompts with each configured sampler; Superposed Decoding against nucleus and greedy), prints
-their summaries and writes everything to WORKDIR/eval_results.json.
+completions of code prompts with each configured sampler; Superposed Decoding against nucleus and greedy; Jacobi
+decoding's counts), prints their summaries and writes everything to WORKDIR/eval_results.json.
 """
 
 import json

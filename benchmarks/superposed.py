@@ -55,7 +55,7 @@ GREEDY_TARGET = 1.2  # the issue: no more than 1.2x one greedy run
 def load_model(init_from: str, workdir: str):
     """(config, model, params, tokenizer) of configs/lm.py:tiny with init_from resolved: the latest checkpoint of
     workdir, else the init_from checkpoint, else a random initialisation; the tokenizer is the workdir's
-    (WORKDIR/tokenizer.json, else the init_from checkpoint's), None without a workdir."""
+    (WORKDIR/tokenizer.json, else the init_from checkpoint's), None without either."""
     config = lm.get_config("tiny")
     config.init_from = init_from
     config, _ = init_from_lib.resolve(config)
@@ -73,7 +73,7 @@ def load_model(init_from: str, workdir: str):
         params = initialise()
     if checkpoints is not None:
         checkpoints.close()
-    tokenizer = tokenizer_lib.existing_tokenizer(config.data, workdir, config.model.vocab_size) if workdir else None
+    tokenizer = tokenizer_lib.existing_tokenizer(config.data, workdir, config.model.vocab_size)
     return config, model, params, tokenizer
 
 
@@ -167,7 +167,7 @@ def main(argv=None):
     N = args.new_tokens
     if args.prompts == "held-out":
         if tokenizer is None:
-            parser.error("--prompts=held-out needs a --workdir with tokenizer.json, or --workdir and --init-from")
+            parser.error("--prompts=held-out needs a tokenizer: a --workdir with tokenizer.json, or --init-from")
         prompts = held_out_prompts(config, tokenizer, args.prompt_tokens, N, args.batch)
     else:
         prompts = np.random.default_rng(0).integers(0, vocab_size, (args.batch, args.prompt_tokens)).tolist()

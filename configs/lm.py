@@ -138,6 +138,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
             num_prompts=32,
             grader="",  # "" or a Hugging Face checkpoint directory sharing the tokenizer, to score drafts' perplexity
         ),
+        # Jacobi decoding (samplers/jacobi.py) against greedy on next-line prompts of held-out code: tokens committed
+        # per iteration, CLLM's fast-forwarded and stationary counts, forwards per token (wall time:
+        # benchmarks/jacobi.py). Not in `run` by default: --config.evaluate.run='("jacobi",)'.
+        jacobi=dict(window=16, prefix_tokens=64, new_tokens=32, num_prompts=16),
     ))
 
     # The mesh: one size may be -1 (all remaining devices). Logical names map to mesh axes by the rules table

@@ -34,9 +34,9 @@ def load_or_train_tokenizer(data_config, workdir, train_source, vocab_size: int)
 def existing_tokenizer(data_config, workdir, vocab_size: int) -> tokenizers.Tokenizer | None:
     """The tokenizer a run uses if it exists already (config.data.tokenizer_path, else WORKDIR/tokenizer.json),
     checked against the model's vocabulary and against the workdir's copy; None while it is still to be trained.
-    Reads, never writes."""
+    Reads, never writes. workdir "": no workdir (a benchmark of a given checkpoint), only tokenizer_path."""
     path = pathlib.Path(workdir) / "tokenizer.json"
-    kept = _load(path, "the workdir's tokenizer (delete it to retrain)") if path.exists() else None
+    kept = _load(path, "the workdir's tokenizer (delete it to retrain)") if workdir and path.exists() else None
     tokenizer = _load(data_config.tokenizer_path, "config.data.tokenizer_path") if data_config.tokenizer_path else kept
     if tokenizer is None:
         return None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tokenizers
 
-from benchmarks import accelerator, decode, lightning, superposed
+from benchmarks import accelerator, decode, jacobi, lightning, superposed
 from checkpoints import huggingface
 from configs import lm
 from models import registry
@@ -122,3 +122,18 @@ def test_superposed_benchmark_on_a_checkpoint_with_held_out_prompts(checkpoint, 
                                                      "nucleus_batched", "greedy"))
         assert np.isclose(row["ratio_to_greedy"], row["superposed_s"] / row["greedy_s"])
     assert len(report["targets_at_k3"]) == 2
+
+
+def test_jacobi_benchmark_on_a_checkpoint_with_held_out_prompts(checkpoint, tmp_path):
+    """--init-from alone gives the tokenizer for held-out prompts; Jacobi's tokens are greedy's, its counts add up."""
+    jacobi.main(["--init-from", f"hf:{checkpoint}", "--windows", "1,3", "--batch", "2", "--new-tokens", "6",
+                 "--prompt-tokens", "16", "--repeats", "1", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "jacobi.json").read_text())
+    assert (tmp_path / "jacobi.png").stat().st_size > 0
+    assert (report["model"], report["prompts"]) == (f"hf:{checkpoint}", "held-out")
+    assert [r["window"] for r in report["results"]] == [1, 3]
+    for row in report["results"]:
+        assert row["tokens_equal_greedy"] and row["generated_tokens"] == 2 * 6
+        assert row["committed"] == row["iterations"] + row["fast_forwarded"] == 2 * 5
+        assert len(row["commits_histogram"]) == row["window"] + 2 and row["jacobi_s"] > 0 and row["greedy_s"] > 0
+        assert np.isclose(row["forwards_per_token"], (row["iterations"] + 2) / 12)

@@ -21,6 +21,7 @@ from parallel import mesh as mesh_lib
 from samplers import ngram_store, stopping
 from samplers.draft_model import DraftModel
 from samplers.engine import Sampler, SamplerConfig
+from samplers.jacobi import Jacobi, JacobiConfig
 from samplers.plain import PlainSampling
 from samplers.sampling import SamplingConfig
 from samplers.speculative import Speculative, SpeculativeConfig
@@ -45,6 +46,7 @@ def _draft_model():
 
 # Every strategy class of samplers/ and how to make one; a new strategy must be added here to be checked.
 STRATEGIES = {
+    "Jacobi": lambda: Jacobi(JacobiConfig(window=4)),
     "PlainSampling": lambda: PlainSampling(SamplingConfig(temperature=0.9, top_k=20, repetition_penalty=1.2)),
     "Superposed": lambda: Superposed(SuperposedConfig(num_drafts=2, ngram_orders=(2, 3), ngram_weights=(0.1, 0.2)),
                                      _store()),
