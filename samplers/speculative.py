@@ -83,8 +83,6 @@ class SpeculativeState:
 
 
 class Speculative(Strategy):
-    done_reason = "cache_full"
-
     def __init__(self, config: SpeculativeConfig, drafter, *, skip_residual: bool = False):
         """skip_residual: a broken verifier for the exactness test's negative control (tree_verification.py)."""
         self.config, self.drafter, self.tree = config, drafter, config.tree

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tokenizers
 
-from benchmarks import accelerator, decode, jacobi, lightning, superposed
+from benchmarks import accelerator, decode, jacobi, lightning, speculative, superposed
 from checkpoints import huggingface
 from configs import lm
 from models import registry
@@ -137,3 +137,21 @@ def test_jacobi_benchmark_on_a_checkpoint_with_held_out_prompts(checkpoint, tmp_
         assert row["committed"] == row["iterations"] + row["fast_forwarded"] == 2 * 5
         assert len(row["commits_histogram"]) == row["window"] + 2 and row["jacobi_s"] > 0 and row["greedy_s"] > 0
         assert np.isclose(row["forwards_per_token"], (row["iterations"] + 2) / 12)
+
+
+def test_speculative_benchmark_with_the_target_as_its_own_draft(checkpoint, tmp_path):
+    """A draft equal to the target is always right at temperature 0: every step gains gamma + 1 tokens."""
+    speculative.main(["--init-from", f"hf:{checkpoint}", "--draft-init-from", f"hf:{checkpoint}", "--gamma", "3",
+                      "--tree", "2,1", "--batch-sizes", "1", "--temperatures", "0", "--new-tokens", "9",
+                      "--prompt-tokens", "16", "--repeats", "1", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "speculative.json").read_text())
+    assert (tmp_path / "speculative.png").stat().st_size > 0
+    rows = {(r["temperature"], r["batch"], r["drafter"], r["shape"]): r for r in report["results"]}
+    assert len(rows) == 2 * 2
+    for (_, _, drafter, shape), row in rows.items():
+        assert row["seconds"] > 0 and row["plain_seconds"] > 0 and 0 < row["forwards_per_token"] <= 1 + 1e-9
+        assert row["tokens_equal_plain"]
+        if drafter == "draft":
+            assert row["tokens_per_step"] == (4 if shape == "chain" else 3)
+            # 9 tokens: the prefill's, then 2 steps of 4 (chain) or 3 steps of 3, the last one cut
+            assert np.isclose(row["forwards_per_token"], (1 + (2 if shape == "chain" else 3)) / 9)
