@@ -152,8 +152,8 @@ def plot(results, path, report):
         forwards.bar(offsets, [by_setting[s]["forwards_per_token"] for s in settings], width, label=label)
         speedups.bar(offsets, [by_setting[s]["speedup"] for s in settings], width, label=label)
     labels = [f"T={t:g}, batch {b}" for t, b in settings]
-    for axis, ylabel, reference in ((forwards, "target forwards per token", 1.0), (speedups, "wall-time speed-up", 1.0)):
-        axis.axhline(reference, color="black", linewidth=0.8, linestyle="--")
+    for axis, ylabel in ((forwards, "target forwards per token"), (speedups, "wall-time speed-up")):
+        axis.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         axis.set_xticks(x, labels, fontsize=8)
         axis.set_ylabel(ylabel)
         axis.legend(fontsize=8)
