@@ -76,6 +76,7 @@ def main(argv=None):
     parser.add_argument("--draft-workdir", default="")
     parser.add_argument("--draft-init-from", default="", help="or the draft as hf:DIR or gguf:FILE")
     parser.add_argument("--ngram-store", default="", help="an n-gram store file (tools/build_ngrams.py)")
+    parser.add_argument("--drafters", default="ngram,draft", help="which of ngram, draft to run")
     parser.add_argument("--gamma", type=int, default=4, help="drafts of a chain")
     parser.add_argument("--tree", default="2,2,1,1", help="the tree's drafts per node at each depth")
     parser.add_argument("--batch-sizes", default="1,8")
@@ -97,6 +98,7 @@ def main(argv=None):
         drafters["draft"] = DraftModel(*load_draft(args.draft_config, args.draft_workdir))
     elif args.draft_init_from:
         drafters["draft"] = DraftModel(*load_model(args.draft_init_from, "")[1:3])
+    drafters = {name: drafters[name] for name in args.drafters.split(",") if name in drafters}
     shapes = {"chain": (1,) * args.gamma, "tree": tuple(int(b) for b in args.tree.split(","))}
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     all_prompts = held_out_prompts(config, tokenizer, args.prompt_tokens, args.new_tokens, max(batch_sizes))
