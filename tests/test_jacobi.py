@@ -90,7 +90,7 @@ def test_tokens_and_cache_equal_greedy(mixer_pattern):
     assert sum(c * n for c, n in enumerate(histogram)) == summary["committed"]
 
 
-@pytest.mark.parametrize("mixer_pattern", ("softmax", "lightning,softmax"))
+@pytest.mark.parametrize("mixer_pattern", ("softmax", pytest.param("lightning,softmax", marks=pytest.mark.slow)))
 def test_nearly_full_cache_checks_fewer_guesses_and_ends_like_greedy(mixer_pattern):
     """With a cache of 24 positions, rows run out of room for a whole window of 8 and end as greedy rows do."""
     model = _model(mixer_pattern)
@@ -103,7 +103,8 @@ def test_nearly_full_cache_checks_fewer_guesses_and_ends_like_greedy(mixer_patte
     _assert_same_cache(state.strategy.cache, greedy_state.strategy.cache)
 
 
-@pytest.mark.parametrize("mixer_pattern", MIXER_PATTERNS)
+@pytest.mark.parametrize("mixer_pattern", [p if p == "lightning,softmax" else pytest.param(p, marks=pytest.mark.slow)
+                                           for p in MIXER_PATTERNS])
 def test_repetitive_model_commits_several_tokens_per_forward(mixer_pattern):
     """A model that barely reads its input (its token embeddings pulled to within 10% of one vector, untied from
     the unembedding) writes long runs of one or two tokens under greedy decoding, as small models often do: its guesses

@@ -72,7 +72,8 @@ def test_token_tree_shape():
     np.testing.assert_array_equal(TokenTree((1, 1, 1)).ancestor_mask, np.tril(np.ones((4, 4), bool)))
 
 
-@pytest.mark.parametrize("mixer_pattern", ["softmax", "lightning", "lightning,softmax"])
+@pytest.mark.parametrize("mixer_pattern", [pytest.param("softmax", marks=pytest.mark.slow),
+                                           pytest.param("lightning", marks=pytest.mark.slow), "lightning,softmax"])
 def test_tree_nodes_equal_their_paths_and_keeping_a_path_equals_decoding_it(mixer_pattern):
     model, params = _model(mixer_pattern)
     cache = _prefilled(model, params, window=TREE.num_nodes)
@@ -100,7 +101,7 @@ def test_tree_nodes_equal_their_paths_and_keeping_a_path_equals_decoding_it(mixe
         np.testing.assert_allclose(logits_after_keep[row, 0], expected[row, -1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mixer_pattern", ["softmax", "lightning,softmax"])
+@pytest.mark.parametrize("mixer_pattern", [pytest.param("softmax", marks=pytest.mark.slow), "lightning,softmax"])
 def test_a_tree_written_level_by_level_equals_one_written_at_once(mixer_pattern):
     """A draft model's tree hangs below a root it already consumed: the forest of its descendants is written a
     level at a time, each call passing its nodes' rows of the forest mask."""
