@@ -184,8 +184,7 @@ def pallas_sharding(implementation: str, batch: str, heads: str, x_BH):
 def _left_align(x_BT, shift_B):
     """Moves row b's first T - shift_B[b] entries to its end (a right-padded row becomes left-padded)."""
     T = x_BT.shape[1]
-    source_BT = (jnp.arange(T)[None, :] - shift_B[:, None]) % T
-    return jnp.take_along_axis(x_BT, source_BT.reshape(source_BT.shape + (1,) * (x_BT.ndim - 2)), axis=1)
+    return _take(x_BT, (jnp.arange(T)[None, :] - shift_B[:, None]) % T)
 
 
 def _continue(q_BTHD, k_BTHD, v_BTHE, decay_H, num_new_B, state_BHDE, implementation, block_size):

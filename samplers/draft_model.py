@@ -107,8 +107,8 @@ def _children(rng, logits_BPV, b: int, sampling: SamplingConfig):
     gumbel_BPV = jax.vmap(lambda key: jax.random.gumbel(key, (P, V)))(row_keys_B)
     children_BPb = jax.lax.top_k(jnp.log(q_BPV) + gumbel_BPV, b)[1].astype(jnp.int32)
     # Sibling c was drawn from q without siblings 0..c-1.
-    earlier_BPbV = jnp.cumsum(jax.nn.one_hot(children_BPb, V, dtype=jnp.float32), axis=2) - jax.nn.one_hot(
-        children_BPb, V, dtype=jnp.float32)
+    drawn_BPbV = jax.nn.one_hot(children_BPb, V, dtype=jnp.float32)
+    earlier_BPbV = jnp.cumsum(drawn_BPbV, axis=2) - drawn_BPbV
     q_BPbV = jnp.where(earlier_BPbV > 0, 0.0, q_BPV[:, :, None])
     q_BPbV = q_BPbV / jnp.maximum(q_BPbV.sum(-1, keepdims=True), 1e-30)
     return children_BPb, q_BPbV

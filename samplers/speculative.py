@@ -141,9 +141,8 @@ class Speculative(Strategy):
         log_probs_BL = jnp.take_along_axis(jax.nn.log_softmax(parent_logits_BLV, axis=-1), tokens_BL[..., None],
                                            axis=-1)[..., 0]
         emitted = Emitted(tokens_BL, log_probs_BL, num_accepted_B + 1)
-        active = ctx.active_B
         return SpeculativeState(
-            cache=cache, root_B=jnp.where(active, next_B, state.root_B), draft=draft, rng=state.rng,
+            cache=cache, root_B=jnp.where(ctx.active_B, next_B, state.root_B), draft=draft, rng=state.rng,
             forwards_B=state.forwards_B + active_B, drafted_B=state.drafted_B + self.tree.depth * active_B,
             accepted_B=state.accepted_B + num_accepted_B * active_B), emitted
 
