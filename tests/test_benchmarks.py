@@ -41,6 +41,7 @@ def test_lightning_benchmark_writes_every_provider(tmp_path):
             assert timed == (["64"] if name.startswith("pallas (interpret") else ["64", "128"]), (name, mode)
 
 
+@pytest.mark.slow
 def test_accelerator_smoke_reports_every_section(tmp_path):
     """--smoke runs every section at toy size; each has numbers, and what needs absent hardware says why."""
     accelerator.main(["--smoke", "--out", str(tmp_path)])
@@ -104,6 +105,7 @@ def test_decode_benchmark_runs_a_checkpoint(checkpoint, tmp_path):
     assert result["tokens_equal_hf_fraction"] == 1.0 and 0 < result["roofline_fraction"]
 
 
+@pytest.mark.slow
 def test_superposed_benchmark_on_a_checkpoint_with_held_out_prompts(checkpoint, tmp_path):
     """The new modes: --init-from and --prompts=held-out (the tokenizer is the checkpoint's, the workdir empty)."""
     workdir = tmp_path / "work"

@@ -190,7 +190,7 @@ def test_tokenizer_is_trained_saved_reloaded_and_round_trips(data_config, source
     assert lengths[ids].sum() == len(text.encode("utf-8"))
 
 
-def test_given_tokenizer_path(data_config, sources, workdir, tmp_path):
+def test_given_tokenizer_path(data_config, sources, workdir, bpe, tmp_path):  # bpe: the workdir's tokenizer
     given = make_data_config(tokenizer_path=str(workdir / "tokenizer.json"))
     assert tokenizer.load_or_train_tokenizer(given, tmp_path, sources["train"], VOCAB).get_vocab_size() == 300
     assert (tmp_path / "tokenizer.json").read_text() == (workdir / "tokenizer.json").read_text()  # the run's copy

@@ -336,6 +336,7 @@ def test_pickles_are_never_read(llama_dir, tmp_path):
         huggingface.load(directory)
 
 
+@pytest.mark.slow
 def test_init_from_evaluates_and_fine_tunes_an_imported_model(llama_dir, tmp_path):
     """--config.init_from=hf:PATH: evaluate.py scores the model with its own tokenizer on the default corpus, and
     train.py starts from its weights (with a zero learning rate the evaluation is unchanged)."""

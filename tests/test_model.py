@@ -93,7 +93,8 @@ def _assert_caches_close(cache, expected):
             np.testing.assert_allclose(layer.state_BHDE, expected_layer.state_BHDE, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", [dict(), LIGHTNING, HYBRID], ids=["softmax", "lightning", "hybrid"])
+@pytest.mark.parametrize("variant", [dict(), pytest.param(LIGHTNING, marks=pytest.mark.slow), HYBRID],
+                         ids=["softmax", "lightning", "hybrid"])
 def test_rollback_then_continue_equals_never_writing(variant):
     """Tokens written, rolled back to per-row lengths, then more tokens: the same logits and states as a cache that
     only ever held the kept tokens; for a chunk, for single-token steps (a draft model's pattern), and across a

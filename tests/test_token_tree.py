@@ -51,6 +51,11 @@ def _chain(model, params, cache, tokens_BL):
     return model.apply({"params": params}, tokens_BL, cache)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _tree(model, params, cache, tokens_BN):
+    return model.apply({"params": params}, tokens_BN, cache, tree_mask_TN=TREE.ancestor_mask)
+
+
 def _assert_caches_equal(a, b, lengths_B):
     np.testing.assert_array_equal(a.lengths_B, b.lengths_B)
     for layer_a, layer_b in zip(a.layers, b.layers):
@@ -78,24 +83,27 @@ def test_tree_nodes_equal_their_paths_and_keeping_a_path_equals_decoding_it(mixe
     model, params = _model(mixer_pattern)
     cache = _prefilled(model, params, window=TREE.num_nodes)
     tokens_BN = _tree_tokens()
-    tree_logits_BNV, tree_cache = model.apply({"params": params}, tokens_BN, cache,
-                                              tree_mask_TN=TREE.ancestor_mask)
-    for node in range(TREE.num_nodes):
-        path = _path(node)
+    tree_logits_BNV, tree_cache = _tree(model, params, cache, tokens_BN)
+    # Every node lies on a path to a leaf, and a chain's logits at each position are those of its path's nodes.
+    leaves = range(TREE.level_starts[-1], TREE.num_nodes)
+    for leaf in leaves:
+        path = _path(leaf)
         chain_logits_BLV, _ = _chain(model, params, cache, tokens_BN[:, path])
-        np.testing.assert_allclose(tree_logits_BNV[:, node], chain_logits_BLV[:, -1], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(tree_logits_BNV[:, path], chain_logits_BLV, rtol=1e-4, atol=1e-4)
+    assert set(sum((_path(leaf) for leaf in leaves), [])) == set(range(TREE.num_nodes))
 
     # Row 0 keeps a path to a leaf, row 1 a path to a depth-1 node.
     paths = [_path(9), _path(2)]
     path_BL = jnp.array([p + [0] * (4 - len(p)) for p in paths])
-    kept = tree_cache.keep_path(cache.lengths_B, path_BL, jnp.array([len(p) for p in paths]))
+    kept = jax.jit(type(tree_cache).keep_path)(tree_cache, cache.lengths_B, path_BL,
+                                                jnp.array([len(p) for p in paths]))
     for row, path in enumerate(paths):
         _, decoded = _chain(model, params, cache, tokens_BN[:, path])
         row_of = jax.tree.map(lambda x: x[row:row + 1] if getattr(x, "ndim", 0) else x, (kept, decoded))
         _assert_caches_equal(*row_of, np.asarray(decoded.lengths_B[row:row + 1]))
     # The next token after the kept path sees exactly that path.
     next_B1 = jnp.array([[3], [4]])
-    logits_after_keep, _ = model.apply({"params": params}, next_B1, kept)
+    logits_after_keep, _ = _chain(model, params, kept, next_B1)
     for row, path in enumerate(paths):
         expected, _ = _chain(model, params, cache, jnp.concatenate([tokens_BN[:, path], next_B1], axis=1))
         np.testing.assert_allclose(logits_after_keep[row, 0], expected[row, -1], rtol=1e-4, atol=1e-4)
@@ -108,7 +116,7 @@ def test_a_tree_written_level_by_level_equals_one_written_at_once(mixer_pattern)
     model, params = _model(mixer_pattern)
     cache = _prefilled(model, params, window=TREE.num_nodes)
     tokens_BN = _tree_tokens()
-    once_logits_BNV, _ = model.apply({"params": params}, tokens_BN, cache, tree_mask_TN=TREE.ancestor_mask)
+    once_logits_BNV, _ = _tree(model, params, cache, tokens_BN)
 
     root_logits, cache = _chain(model, params, cache, tokens_BN[:, :1])
     np.testing.assert_allclose(root_logits[:, 0], once_logits_BNV[:, 0], rtol=1e-4, atol=1e-4)

@@ -79,6 +79,7 @@ def test_sharded_train_steps_match_one_device(data_dir, tmp_path, monkeypatch):
     np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_written_on_8_devices_restores_and_evaluates_on_1(data_dir, tmp_path, monkeypatch):
     config = small_config(data_dir, num_steps=3)
     config.mesh.update(data=1, fsdp=4, tensor=2)
@@ -197,6 +198,7 @@ def test_training_runs_its_evaluators_every_n_steps(data_dir, tmp_path):
     assert final["bits_per_byte"] == pytest.approx(evaluations[-1]["eval/validation/bits_per_byte"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_superposed_evaluation_end_to_end(data_dir, tmp_path, capsys):
     """tools/build_ngrams.py on a trained workdir, then evaluate.py's Superposed Decoding evaluator: Superposed
     drafts against nucleus x k and greedy, scored."""
