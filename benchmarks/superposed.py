@@ -77,6 +77,25 @@ def load_model(init_from: str, workdir: str):
     return config, model, params, tokenizer
 
 
+def add_model_and_prompt_arguments(parser, *, prompt_tokens: int, new_tokens: int, repeats: int, prompts: str):
+    """The flags this benchmark shares with benchmarks/jacobi.py: the model, its prompts, the timing repeats."""
+    parser.add_argument("--batch", type=int, default=1, help="prompts per run")
+    parser.add_argument("--prompt-tokens", type=int, default=prompt_tokens)
+    parser.add_argument("--new-tokens", type=int, default=new_tokens)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--init-from", default="", help="hf:DIR or gguf:FILE, as config.init_from")
+    parser.add_argument("--prompts", choices=("random", "held-out"), default=prompts)
+
+
+def benchmark_prompts(parser, args, config, tokenizer, vocab_size: int) -> list[list[int]]:
+    """--batch prompts of --prompt-tokens tokens: held-out next-line prompts, or random tokens."""
+    if args.prompts == "held-out":
+        if tokenizer is None:
+            parser.error("--prompts=held-out needs a tokenizer: a --workdir with tokenizer.json, or --init-from")
+        return held_out_prompts(config, tokenizer, args.prompt_tokens, args.new_tokens, args.batch)
+    return np.random.default_rng(0).integers(0, vocab_size, (args.batch, args.prompt_tokens)).tolist()
+
+
 def held_out_prompts(config, tokenizer, prompt_tokens: int, new_tokens: int, batch: int) -> list[list[int]]:
     """The first `batch` prompts of the Superposed evaluator's rule on the validation split."""
     validation = corpus.load_corpus(config.data)["validation"]
@@ -136,12 +155,7 @@ def lookup_cost(store, batch: int, k: int, m: int, repeats: int) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ks", default="2,3,5,10")
-    parser.add_argument("--batch", type=int, default=1, help="prompts per run")
-    parser.add_argument("--prompt-tokens", type=int, default=15)
-    parser.add_argument("--new-tokens", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--init-from", default="", help="hf:DIR or gguf:FILE, as config.init_from")
-    parser.add_argument("--prompts", choices=("random", "held-out"), default="random")
+    add_model_and_prompt_arguments(parser, prompt_tokens=15, new_tokens=10, repeats=21, prompts="random")
     parser.add_argument("--workdir", default="", help="a tiny-config workdir: its checkpoint, tokenizer and ngrams.npz")
     parser.add_argument("--synthetic-tokens", type=int, default=800_000,
                         help="corpus size for the synthetic n-gram store (without a workdir store)")
@@ -165,12 +179,7 @@ def main(argv=None):
     print(f"n-gram store: {json.dumps(store_info)}", flush=True)
 
     N = args.new_tokens
-    if args.prompts == "held-out":
-        if tokenizer is None:
-            parser.error("--prompts=held-out needs a tokenizer: a --workdir with tokenizer.json, or --init-from")
-        prompts = held_out_prompts(config, tokenizer, args.prompt_tokens, N, args.batch)
-    else:
-        prompts = np.random.default_rng(0).integers(0, vocab_size, (args.batch, args.prompt_tokens)).tolist()
+    prompts = benchmark_prompts(parser, args, config, tokenizer, vocab_size)
     engine_config = SamplerConfig(max_new_tokens=N)
     greedy = Sampler(model, params, None, engine_config)
     nucleus = Sampler(model, params, None, engine_config, PlainSampling(NUCLEUS))

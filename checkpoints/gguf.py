@@ -162,8 +162,9 @@ def _model_config(fields: dict) -> ml_collections.ConfigDict:
 
 def _check_matches(file: _File, model_config: ml_collections.ConfigDict) -> None:
     """Every config.model field that shapes the weights' meaning must equal the file's own."""
-    if model_config.name != "llama":
-        raise InputError(f"config.model.name={model_config.name!r}: GGUF checkpoints load into 'llama'")
+    if registry.parameters_of(model_config.name) != "llama":
+        raise InputError(f"config.model.name={model_config.name!r}: GGUF checkpoints load into 'llama' (or a family "
+                         "with its parameters)")
     wanted = _config_fields(file)
     for key, value in wanted.items():
         if key == "max_seq_len" or model_config.get(key) == value:  # max_seq_len only bounds what is asked for

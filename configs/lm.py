@@ -71,6 +71,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict(dict(
         corpus="stdlib",  # "stdlib" | a directory of text files | "tfds:NAME"
+        trajectories="",  # "" = train on the corpus; a directory of Jacobi trajectories (configs/cllm.py)
         file_glob="**/*.py",
         max_files=0,  # 0 = all
         validation_fraction=0.05,

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 import evaluators
-from data import tokenizer as tokenizer_lib
+from data import jacobi_trajectories, tokenizer as tokenizer_lib
 from errors import InputError, checks
 from models import registry
 from parallel import mesh as mesh_lib
@@ -27,6 +27,7 @@ def validate(config: ml_collections.ConfigDict, *, mesh, workdir: str, training:
     _kernels_fit_backend(config.model)
     _data(config.data, config.model)
     if training:
+        _training_data(config.data, config.model, model)
         _optimizer(config.optimizer)
         _train(config.train)
         evaluators.validate(config.train.evaluators, config, "config.train.evaluators")
@@ -35,6 +36,20 @@ def validate(config: ml_collections.ConfigDict, *, mesh, workdir: str, training:
     _batch_fits_mesh(config.data.global_batch_size, mesh, rules)
     _params_fit_mesh(model, mesh, rules)
     tokenizer_lib.existing_tokenizer(config.data, workdir, config.model.vocab_size)
+
+
+def _training_data(data, model_config, model) -> None:
+    """The batches train.py makes are the ones the model's loss reads."""
+    if not isinstance(data.trajectories, str):
+        raise InputError(f"config.data.trajectories={data.trajectories!r} must be a directory or ''")
+    made = "jacobi_trajectories" if data.trajectories else "text"
+    if model.batch_format != made:
+        wanted = "config.data.trajectories set to a directory of Jacobi trajectories" if made == "text" else \
+            "config.data.trajectories=''"
+        raise InputError(f"config.model.name={model_config.name!r} trains on {model.batch_format} batches, which need "
+                         f"{wanted} (config.data.trajectories={data.trajectories!r})")
+    if data.trajectories:
+        jacobi_trajectories.check(data)
 
 
 def _data(data, model) -> None:

@@ -224,6 +224,8 @@ class Model(nn.Module):
     # The model contract (models/registry.py).
     # ---------------------------------------------------------------------------------------------------------
 
+    batch_format = "text"  # loss reads packed windows of the corpus (data/pipeline.py)
+
     def example_inputs(self, batch_size: int = 1, seq_len: int = 1) -> tuple:
         """Arguments of `init` (and of eval_shape or lowering a forward) at the given size."""
         return (jnp.zeros((batch_size, seq_len), jnp.int32),)

@@ -6,11 +6,15 @@ and the checkpoint code rely on, and nothing else about a family is read outside
 
   model.example_inputs(batch_size, seq_len)  arguments of model.init (and of abstract evaluation or lowering)
   model.loss(params, batch, rng)             (scalar loss, {name: scalar metric}) on a batch of the data pipeline
+  model.batch_format                         the batches loss reads: "text" (data/pipeline.py) or
+                                             "jacobi_trajectories" (data/jacobi_trajectories.py)
   model.flops_per_token(seq_len)             training FLOPs per token, for MFU
   model.init_cache(batch, cache_len, rollback_window)  an empty models.cache.Cache
   model.apply({"params": p}, inputs, cache, num_new_B, logits_at_B=...)  (decode outputs, cache) for the engine
 
-A fork adds a model family by adding a file (and a config); nothing here changes.
+A family may set `PARAMETERS = "<family>"` in its module when its parameters are another family's (the same
+weights under another loss, e.g. models/cllm.py): checkpoints of that family (Hugging Face, GGUF, workdirs) then
+load into it. A fork adds a model family by adding a file (and a config); nothing here changes.
 """
 
 import dataclasses
@@ -22,12 +26,20 @@ import ml_collections
 import models
 from errors import InputError
 
-CONTRACT = ("example_inputs", "loss", "flops_per_token", "init_cache")
+CONTRACT = ("example_inputs", "loss", "batch_format", "flops_per_token", "init_cache")
 
 
 def available() -> list[str]:
     return sorted(info.name for info in pkgutil.iter_modules(models.__path__)
                   if hasattr(importlib.import_module(f"models.{info.name}"), "Model"))
+
+
+def parameters_of(name: str) -> str:
+    """The family whose parameters model family `name` has: its module's PARAMETERS, else itself."""
+    try:
+        return getattr(importlib.import_module(f"models.{name}"), "PARAMETERS", name)
+    except ModuleNotFoundError:
+        return name
 
 
 def build(model_config: ml_collections.ConfigDict):

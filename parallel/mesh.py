@@ -84,8 +84,8 @@ def logical_shardings(logical_tree, mesh, rules):
 
 
 def batch_sharding(mesh, rules) -> NamedSharding:
-    """How a [batch, length] token array is laid out: batch over the data-parallel axes."""
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch", "act_len"), rules))
+    """How every array of a batch is laid out: its rows over the data-parallel axes, its other axes whole."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch",), rules))
 
 
 def global_batch(local_BT: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -3,6 +3,7 @@ is allowed, exit status 2, and nothing is written; every preset of every config 
 and lowers its train step (abstract arrays only, nothing allocated)."""
 
 import importlib
+import json
 import math
 import os
 import pathlib
@@ -18,6 +19,7 @@ import tokenizers
 import train
 from checkpoints import init_from
 from configs import lm, validation
+from data import jacobi_trajectories
 from errors import InputError
 from models import registry
 from parallel import mesh as mesh_lib
@@ -117,7 +119,18 @@ def test_command_line_exits_2_with_one_line(script, flag, message, tmp_path):
 @pytest.mark.parametrize("file, preset", [(file, preset) for file in CONFIG_FILES for preset in presets(file)])
 def test_every_preset_validates_builds_and_lowers_a_train_step(file, preset, tmp_path):
     get_config = importlib.import_module(f"configs.{file}").get_config
-    config, _ = init_from.resolve(get_config() if preset is None else get_config(preset))
+    config = get_config() if preset is None else get_config(preset)
+    B, L = config.data.global_batch_size, config.data.seq_len + 1
+    shapes = {"tokens": (B, L)}
+    if config.data.trajectories:  # consistency training: its trajectories and its base model come from earlier runs
+        W = config.trajectories.window
+        config.data.trajectories = str(tmp_path / "trajectories")
+        os.makedirs(config.data.trajectories)
+        jacobi_trajectories.write_shard(config.data.trajectories, 0, [])
+        (tmp_path / "trajectories" / jacobi_trajectories.INFO_FILE).write_text(json.dumps({"window": W}))
+        config.init_from = "" if config.init_from.startswith("workdir:") else config.init_from
+        shapes.update(states=(B, W, W), num_states=(B,), window_start=(B,), valid=(B,))
+    config, _ = init_from.resolve(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = mesh_lib.axis_rules(config)
     validation.validate(config, mesh=mesh, workdir=str(tmp_path), training=True)
@@ -125,8 +138,8 @@ def test_every_preset_validates_builds_and_lowers_a_train_step(file, preset, tmp
     optimizer, schedule = train.make_optimizer(config)
     init_state = train.make_init_state(model, optimizer, config.data.seq_len)
     abstract_state, state_shardings = mesh_lib.sharded_abstract(init_state, jax.random.key(0), mesh=mesh, rules=rules)
-    batch = {"tokens": jax.ShapeDtypeStruct((config.data.global_batch_size, config.data.seq_len + 1), jnp.int32,
-                                            sharding=mesh_lib.batch_sharding(mesh, rules))}
+    batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=mesh_lib.batch_sharding(mesh, rules))
+             for key, shape in shapes.items()}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         lowered = jax.jit(train.make_train_step(model, optimizer, schedule, config.seed),
                           in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh, rules))).lower(

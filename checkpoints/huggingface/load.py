@@ -62,8 +62,9 @@ def abstract_params(model):
 
 def _check_matches(path: str, model_config: ml_collections.ConfigDict) -> None:
     """Every config.model field that shapes the weights' meaning must equal the checkpoint's own."""
-    if model_config.name != "llama":
-        raise InputError(f"config.model.name={model_config.name!r}: Hugging Face checkpoints load into 'llama'")
+    if registry.parameters_of(model_config.name) != "llama":
+        raise InputError(f"config.model.name={model_config.name!r}: Hugging Face checkpoints load into 'llama' (or a "
+                         "family with its parameters)")
     wanted = model_config_from_hf(path)
     for key, value in wanted.items():
         scaling_only = key.startswith("rope_") and key != "rope_theta" and not wanted.rope_scaling_type
