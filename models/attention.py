@@ -9,6 +9,10 @@ The switch (`Config.softmax_implementation`):
              is a multiple of 128 (others take the XLA path); decode steps as under xla
 Training under `pallas` uses the XLA path; attention over a cache outside the decode kernel is plain einsums on the
 cache layout for every implementation (KVCache.attend). Kernels run per shard of the mesh (kernel_sharding).
+
+With kv_rank > 0 (MatryoshkaKV, models/matryoshka_kv.py) the post-RoPE queries, keys and values are mapped to
+kv_rank columns of each head's basis before attention and the output back after it; the cache is then the
+compressed models/low_rank_kv_cache.py, and attention in between is the same code at width kv_rank.
 """
 
 import flax.linen as nn
@@ -18,6 +22,8 @@ import jax.numpy as jnp
 from models import token_tree
 from models.kv_cache import KVCache
 from models.layers import RMSNorm, dense_init
+from models.low_rank_kv_cache import LowRankKVCache
+from models.matryoshka_kv import MatryoshkaKV
 from models.rope import Rope
 from pallas_kernels.splash_attention import splash_attention
 from parallel import mesh as mesh_lib
@@ -61,13 +67,24 @@ class Attention(nn.Module):
     qk_norm: bool = False
     norm_eps: float = 1e-5
     out_init_scale: float = 1.0
+    kv_rank: int = 0  # MatryoshkaKV columns cached per head; 0: uncompressed
+    kv_key_ranks: tuple = ()  # per KV head, each <= kv_rank; () = all kv_rank
+    kv_value_ranks: tuple = ()
 
-    def init_cache(self, batch_size: int, cache_len: int, rollback_window: int = 0) -> KVCache:
+    def init_cache(self, batch_size: int, cache_len: int, rollback_window: int = 0) -> KVCache | LowRankKVCache:
         del rollback_window  # any write can be rolled back (kv_cache.py)
+        if self.kv_rank:
+            return LowRankKVCache.init(batch_size, self.num_kv_heads, cache_len, self.head_dim, self.kv_rank,
+                                       *self._kv_ranks(), self.dtype)
         return KVCache.init(batch_size, self.num_kv_heads, cache_len, self.head_dim, self.dtype)
 
+    def _kv_ranks(self) -> tuple[tuple, tuple]:
+        every = (self.kv_rank,) * self.num_kv_heads
+        return tuple(self.kv_key_ranks) or every, tuple(self.kv_value_ranks) or every
+
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, num_new_B=None, cache: KVCache | None = None, tree_mask_TN=None):
+    def __call__(self, x_BTD, positions_BT, num_new_B=None, cache: KVCache | LowRankKVCache | None = None,
+                 tree_mask_TN=None):
         """Without a cache: causal attention over the sequence. With one: the tokens are written at their
         positions and attend to everything the cache holds up to their own position; or, the nodes of a token
         tree (models/token_tree.py), written after the prefix, attend to the prefix and their ancestors."""
@@ -96,12 +113,19 @@ class Attention(nn.Module):
         k_BTKH = nn.with_logical_constraint(self.rope(k_BTKH, positions_BT),
                                             ("act_batch", "act_len", "act_kv_heads", "kv"))
 
+        if self.kv_rank:
+            matryoshka = MatryoshkaKV(self.num_kv_heads, self.head_dim, self.kv_rank, *self._kv_ranks(), self.dtype,
+                                      name="matryoshka_kv")
+            q_BTNH, k_BTKH, v_BTKH = matryoshka.compress(q_BTNH, k_BTKH, v_BTKH)  # last axis now kv_rank
+
         if cache is None:
             out_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, self.implementation)
         else:
             slots_BT = positions_BT if tree_mask_TN is None else token_tree.write_slots(positions_BT, tree_mask_TN)
             cache = cache.write(k_BTKH, v_BTKH, slots_BT)
             out_BTNH = cache.attend(q_BTNH, positions_BT, self.implementation, tree_mask_TN, slots_BT)
+        if self.kv_rank:
+            out_BTNH = matryoshka.expand(out_BTNH)
 
         out_kernel_NHD = self.param("out_kernel", nn.with_logical_partitioning(
             dense_init(self.out_init_scale, in_axis=(0, 1), out_axis=2), ("heads", "kv", "embed")),

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from errors import InputError, checks
-from models import token_tree
+from models import matryoshka_kv, token_tree
 from models.attention import IMPLEMENTATIONS as SOFTMAX_IMPLEMENTATIONS, Attention
 from models.cache import Cache
 from models.layers import RMSNorm, SwiGLU
@@ -74,6 +74,12 @@ class Config:
     lightning_block_size: int = 64
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: str = "none"
+    # MatryoshkaKV (models/matryoshka_kv.py): softmax layers cache kv_rank columns of each KV head's orthogonal key
+    # and value basis; 0 = off (no parameters added). Per-head ranks, each in [1, kv_rank], layer-major
+    # (num_layers * num_kv_heads entries; lightning layers' entries are unused); () = every head at kv_rank.
+    kv_rank: int = 0
+    kv_key_ranks: tuple = ()
+    kv_value_ranks: tuple = ()
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
@@ -107,6 +113,15 @@ class Config:
                              "for lightning_implementation='pallas' (TPU sublane tiling)")
         checks.choice("config.model.dtype", self.dtype, DTYPES)
         checks.choice("config.model.remat", self.remat, tuple(REMAT_POLICIES))
+        # Normalized to tuples (hashable, as a module attribute must be): command lines may give lists.
+        object.__setattr__(self, "kv_key_ranks", matryoshka_kv.checked_ranks(self, "kv_key_ranks"))
+        object.__setattr__(self, "kv_value_ranks", matryoshka_kv.checked_ranks(self, "kv_value_ranks"))
+
+    def kv_ranks(self, layer_index: int) -> tuple[tuple, tuple]:
+        """Layer `layer_index`'s MatryoshkaKV key and value ranks per KV head ((), () for kv_rank everywhere)."""
+        K = self.num_kv_heads
+        return tuple(tuple(ranks[layer_index * K:(layer_index + 1) * K])
+                     for ranks in (self.kv_key_ranks, self.kv_value_ranks))
 
     def mixer(self, layer_index: int) -> str:
         pattern = self.mixer_pattern.split(",")
@@ -129,8 +144,8 @@ def make_mixer(cfg: Config, layer_index: int, parent=None) -> nn.Module:
     dtype = jnp.dtype(cfg.dtype)
     if cfg.mixer(layer_index) == "softmax":
         return Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope, cfg.softmax_implementation, dtype,
-                         cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps, residual_init_scale(cfg), name="attention",
-                         parent=parent)
+                         cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps, residual_init_scale(cfg), cfg.kv_rank,
+                         *cfg.kv_ranks(layer_index), name="attention", parent=parent)
     decay_H = tuple(layer_decay(cfg.num_heads, layer_index, cfg.num_layers).tolist())
     return LightningMixer(cfg.num_heads, cfg.head_dim, decay_H, cfg.lightning_implementation,
                           cfg.lightning_decode_implementation, cfg.lightning_block_size, dtype, cfg.norm_eps,

@@ -1,0 +1,162 @@
+"""MatryoshkaKV: the Cayley basis, the compressed attention layer and its cache, PCA initialisation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from errors import InputError
+from models import matryoshka_kv
+from models.llama import Config, Model
+from models.low_rank_kv_cache import LowRankKVCache
+
+TINY = dict(vocab_size=97, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+            softmax_implementation="reference")
+H = TINY["head_dim"]
+
+
+def tokens(batch=2, length=12, seed=0):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, TINY["vocab_size"])
+
+
+def base_params():
+    model = Model(Config(**TINY))
+    return nn.meta.unbox(model.init(jax.random.key(1), tokens())["params"])
+
+
+def with_random_bases(params, seed=0, scale=0.3):
+    """The base model's parameters plus a MatryoshkaKV subtree of random bases and means in every layer."""
+    rng = np.random.default_rng(seed)
+    K = TINY["num_kv_heads"]
+    params = jax.tree.map(lambda x: x, params)
+    for i in range(TINY["num_layers"]):
+        params[f"layer_{i}"]["attention"]["matryoshka_kv"] = {
+            "key_skew": jnp.asarray(scale * rng.standard_normal((K, H, H)), jnp.float32),
+            "key_mean": jnp.asarray(scale * rng.standard_normal((K, H)), jnp.float32),
+            "value_skew": jnp.asarray(scale * rng.standard_normal((K, H, H)), jnp.float32),
+            "value_mean": jnp.asarray(scale * rng.standard_normal((K, H)), jnp.float32),
+        }
+    return params
+
+
+def compressed(**fields):
+    return Model(Config(**{**TINY, **fields}))
+
+
+def test_cayley_map_is_orthogonal_with_det_one():
+    x_KHH = jax.random.normal(jax.random.key(0), (3, 16, 16))
+    u_KHH = matryoshka_kv.cayley(x_KHH)
+    np.testing.assert_allclose(jnp.einsum("kij,kil->kjl", u_KHH, u_KHH), np.broadcast_to(np.eye(16), (3, 16, 16)),
+                               atol=1e-5)
+    np.testing.assert_allclose(np.linalg.det(np.asarray(u_KHH, np.float64)), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(matryoshka_kv.cayley(jnp.zeros((2, 4, 4))), np.broadcast_to(np.eye(4), (2, 4, 4)))
+
+
+def test_inverse_cayley_reproduces_an_oriented_pca_basis():
+    rng = np.random.default_rng(0)
+    data_KNH = rng.standard_normal((4, 200, 16)) @ rng.standard_normal((4, 16, 16))
+    _, eigvecs_KHH = np.linalg.eigh(np.einsum("kni,knj->kij", data_KNH, data_KNH))
+    basis_KHH = matryoshka_kv.orient_basis(eigvecs_KHH[..., ::-1])
+    np.testing.assert_allclose(np.linalg.det(basis_KHH), 1.0, atol=1e-9)
+    # Same subspaces: each column is the eigenvector up to sign.
+    np.testing.assert_allclose(np.abs(basis_KHH), np.abs(eigvecs_KHH[..., ::-1]), atol=1e-12)
+    x_KHH = matryoshka_kv.inverse_cayley(basis_KHH)
+    np.testing.assert_allclose(matryoshka_kv.cayley(jnp.asarray(x_KHH, jnp.float32)), basis_KHH, atol=1e-5)
+
+
+def test_a_det_minus_one_basis_gets_its_first_column_negated():
+    basis_HH = np.diag([1.0, 1.0, -1.0, 1.0])[:, [1, 0, 2, 3]]  # a reflection: det -1
+    oriented_HH = matryoshka_kv.orient_basis(basis_HH)
+    assert np.linalg.det(oriented_HH) == pytest.approx(1.0)
+    np.testing.assert_array_equal(np.abs(oriented_HH), np.abs(basis_HH))
+
+
+def test_full_rank_equals_the_base_model():
+    params = base_params()
+    tokens_BT = tokens()
+    base_BTV, _ = Model(Config(**TINY)).apply({"params": params}, tokens_BT)
+    full_BTV, _ = compressed(kv_rank=H).apply({"params": with_random_bases(params)}, tokens_BT)
+    np.testing.assert_allclose(full_BTV, base_BTV, atol=1e-5)
+
+
+def test_the_subtree_is_absent_when_disabled_and_present_when_enabled():
+    params = base_params()
+    assert all("matryoshka_kv" not in params[f"layer_{i}"]["attention"] for i in range(2))
+    enabled = nn.meta.unbox(compressed(kv_rank=4).init(jax.random.key(1), tokens())["params"])
+    subtree = enabled["layer_0"]["attention"]["matryoshka_kv"]
+    assert {name: x.shape for name, x in subtree.items()} == {
+        "key_skew": (2, H, H), "key_mean": (2, H), "value_skew": (2, H, H), "value_mean": (2, H)}
+    # The rest is the base model's tree; the bases start at U = I.
+    enabled["layer_0"]["attention"].pop("matryoshka_kv")
+    enabled["layer_1"]["attention"].pop("matryoshka_kv")
+    assert jax.tree.structure(enabled) == jax.tree.structure(params)
+
+
+def test_truncated_bases_give_a_lower_rank_model_that_degrades_gracefully():
+    params = with_random_bases(base_params())
+    tokens_BT = tokens()
+    base_BTV, _ = Model(Config(**TINY)).apply({"params": params}, tokens_BT)
+    errors = []
+    for rank in (H, H - 2, H // 2, 1):
+        logits_BTV, _ = compressed(kv_rank=rank).apply({"params": params}, tokens_BT)
+        assert np.isfinite(logits_BTV).all()
+        errors.append(float(jnp.abs(logits_BTV - base_BTV).max()))
+    assert errors[0] < 1e-5 < errors[1] <= errors[2] <= errors[3]
+    # Per-head ranks: one head kept whole, the other truncated, lands between.
+    ranks = (H, H // 2) * 2
+    mixed_BTV, _ = compressed(kv_rank=H, kv_key_ranks=ranks, kv_value_ranks=ranks).apply({"params": params},
+                                                                                        tokens_BT)
+    assert errors[0] < float(jnp.abs(mixed_BTV - base_BTV).max()) <= errors[2]
+
+
+@pytest.mark.parametrize("fields", [dict(kv_rank=5), dict(kv_rank=6, kv_key_ranks=(6, 3, 2, 6),
+                                                          kv_value_ranks=(1, 6, 4, 4))],
+                         ids=["uniform", "per-head"])
+def test_cached_decode_with_the_compressed_cache_equals_the_full_forward(fields):
+    model = compressed(**fields)
+    params = with_random_bases(base_params())
+    tokens_BT = tokens(length=10)
+    full_BTV, _ = model.apply({"params": params}, tokens_BT)
+
+    lengths_B = jnp.array([3, 6])
+    prompts_BT = jnp.where(jnp.arange(10)[None] < lengths_B[:, None], tokens_BT, 0)
+    cache = model.init_cache(2, 12)
+    assert all(isinstance(layer, LowRankKVCache) for layer in cache.layers)
+    assert cache.layers[0].columns.k_BKSH.shape == (2, 2, 12, fields["kv_rank"])
+    logits_BTV, cache = model.apply({"params": params}, prompts_BT, cache, lengths_B)
+    for b, length in enumerate(lengths_B):
+        np.testing.assert_allclose(logits_BTV[b, :length], full_BTV[b, :length], atol=2e-5)
+    decode = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c))
+    for _ in range(4):
+        positions_B = np.asarray(cache.lengths_B)
+        step_B1V, cache = decode(params, jnp.take_along_axis(tokens_BT, cache.lengths_B[:, None], axis=1), cache)
+        for b, position in enumerate(positions_B):
+            np.testing.assert_allclose(step_B1V[b, 0], full_BTV[b, position], atol=2e-5)
+
+
+def test_compressed_cache_reports_its_size():
+    cache = compressed(kv_rank=6, kv_key_ranks=(6, 3, 2, 6), kv_value_ranks=(1, 6, 4, 4)).init_cache(2, 12)
+    layer = cache.layers[0]
+    assert layer.nbytes == 2 * 2 * 2 * 12 * 6 * 4  # K and V, batch 2, 2 heads, 12 slots, 6 columns, float32
+    assert layer.uncompressed_nbytes == 2 * 2 * 2 * 12 * H * 4
+    assert layer.ranked_nbytes == 2 * 12 * (6 + 3 + 1 + 6) * 4
+    assert cache.layers[1].key_ranks == (2, 6) and cache.layers[1].value_ranks == (4, 4)
+    axes = cache.logical_axes()
+    assert jax.tree.structure(axes) == jax.tree.structure(cache)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(kv_rank=9), "config.model.kv_rank=9 must be an integer in [0, 8] (0: no compression; at most "
+                      "config.model.head_dim=8)"),
+    (dict(kv_rank=-1), "config.model.kv_rank=-1 must be an integer in [0, 8]"),
+    (dict(kv_rank=4, kv_key_ranks=(4, 5, 1, 1)), "config.model.kv_key_ranks=(4, 5, 1, 1) must be 4 integers "
+                                                 "(num_layers * num_kv_heads, layer-major) in [1, "
+                                                 "config.model.kv_rank=4]"),
+    (dict(kv_rank=4, kv_value_ranks=(4, 4)), "config.model.kv_value_ranks=(4, 4) must be 4 integers"),
+    (dict(kv_value_ranks=(4, 4, 4, 4)), "config.model.kv_value_ranks=(4, 4, 4, 4) needs config.model.kv_rank > 0"),
+])
+def test_bad_ranks_are_one_line(fields, message):
+    with pytest.raises(InputError) as error:
+        Config(**{**TINY, **fields})
+    assert message in str(error.value) and "\n" not in str(error.value)
