@@ -1,15 +1,19 @@
 """MatryoshkaKV: the Cayley basis, the compressed attention layer and its cache, PCA initialisation."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from errors import InputError
-from models import matryoshka_kv
+from models import matryoshka_kv, matryoshka_pca, rope
 from models.llama import Config, Model
 from models.low_rank_kv_cache import LowRankKVCache
+from tools import matryoshka_pca as matryoshka_pca_tool
 
 TINY = dict(vocab_size=97, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
             softmax_implementation="reference")
@@ -20,9 +24,18 @@ def tokens(batch=2, length=12, seed=0):
     return jax.random.randint(jax.random.key(seed), (batch, length), 0, TINY["vocab_size"])
 
 
-def base_params():
+@functools.cache
+def _base_params():
     model = Model(Config(**TINY))
-    return nn.meta.unbox(model.init(jax.random.key(1), tokens())["params"])
+    return nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens())["params"])  # eager init takes seconds
+
+
+def base_params():
+    return jax.tree.map(lambda x: x, _base_params())
+
+
+def forward(model, params, tokens_BT):
+    return jax.jit(model.apply)({"params": params}, tokens_BT)
 
 
 def with_random_bases(params, seed=0, scale=0.3):
@@ -75,15 +88,15 @@ def test_a_det_minus_one_basis_gets_its_first_column_negated():
 def test_full_rank_equals_the_base_model():
     params = base_params()
     tokens_BT = tokens()
-    base_BTV, _ = Model(Config(**TINY)).apply({"params": params}, tokens_BT)
-    full_BTV, _ = compressed(kv_rank=H).apply({"params": with_random_bases(params)}, tokens_BT)
+    base_BTV, _ = forward(Model(Config(**TINY)), params, tokens_BT)
+    full_BTV, _ = forward(compressed(kv_rank=H), with_random_bases(params), tokens_BT)
     np.testing.assert_allclose(full_BTV, base_BTV, atol=1e-5)
 
 
 def test_the_subtree_is_absent_when_disabled_and_present_when_enabled():
     params = base_params()
     assert all("matryoshka_kv" not in params[f"layer_{i}"]["attention"] for i in range(2))
-    enabled = nn.meta.unbox(compressed(kv_rank=4).init(jax.random.key(1), tokens())["params"])
+    enabled = nn.meta.unbox(jax.jit(compressed(kv_rank=4).init)(jax.random.key(1), tokens())["params"])
     subtree = enabled["layer_0"]["attention"]["matryoshka_kv"]
     assert {name: x.shape for name, x in subtree.items()} == {
         "key_skew": (2, H, H), "key_mean": (2, H), "value_skew": (2, H, H), "value_mean": (2, H)}
@@ -96,17 +109,16 @@ def test_the_subtree_is_absent_when_disabled_and_present_when_enabled():
 def test_truncated_bases_give_a_lower_rank_model_that_degrades_gracefully():
     params = with_random_bases(base_params())
     tokens_BT = tokens()
-    base_BTV, _ = Model(Config(**TINY)).apply({"params": params}, tokens_BT)
+    base_BTV, _ = forward(Model(Config(**TINY)), params, tokens_BT)
     errors = []
     for rank in (H, H - 2, H // 2, 1):
-        logits_BTV, _ = compressed(kv_rank=rank).apply({"params": params}, tokens_BT)
+        logits_BTV, _ = forward(compressed(kv_rank=rank), params, tokens_BT)
         assert np.isfinite(logits_BTV).all()
         errors.append(float(jnp.abs(logits_BTV - base_BTV).max()))
     assert errors[0] < 1e-5 < errors[1] <= errors[2] <= errors[3]
     # Per-head ranks: one head kept whole, the other truncated, lands between.
     ranks = (H, H // 2) * 2
-    mixed_BTV, _ = compressed(kv_rank=H, kv_key_ranks=ranks, kv_value_ranks=ranks).apply({"params": params},
-                                                                                        tokens_BT)
+    mixed_BTV, _ = forward(compressed(kv_rank=H, kv_key_ranks=ranks, kv_value_ranks=ranks), params, tokens_BT)
     assert errors[0] < float(jnp.abs(mixed_BTV - base_BTV).max()) <= errors[2]
 
 
@@ -117,14 +129,14 @@ def test_cached_decode_with_the_compressed_cache_equals_the_full_forward(fields)
     model = compressed(**fields)
     params = with_random_bases(base_params())
     tokens_BT = tokens(length=10)
-    full_BTV, _ = model.apply({"params": params}, tokens_BT)
+    full_BTV, _ = forward(model, params, tokens_BT)
 
     lengths_B = jnp.array([3, 6])
     prompts_BT = jnp.where(jnp.arange(10)[None] < lengths_B[:, None], tokens_BT, 0)
     cache = model.init_cache(2, 12)
     assert all(isinstance(layer, LowRankKVCache) for layer in cache.layers)
     assert cache.layers[0].columns.k_BKSH.shape == (2, 2, 12, fields["kv_rank"])
-    logits_BTV, cache = model.apply({"params": params}, prompts_BT, cache, lengths_B)
+    logits_BTV, cache = jax.jit(model.apply)({"params": params}, prompts_BT, cache, lengths_B)
     for b, length in enumerate(lengths_B):
         np.testing.assert_allclose(logits_BTV[b, :length], full_BTV[b, :length], atol=2e-5)
     decode = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c))
@@ -160,3 +172,105 @@ def test_bad_ranks_are_one_line(fields, message):
     with pytest.raises(InputError) as error:
         Config(**{**TINY, **fields})
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+# PCA initialisation.
+
+def numpy_layer0_keys_values(params, tokens_BT):
+    """Layer 0's post-RoPE keys and values [B, T, K, H], in float64 numpy from the parameters."""
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    x_BTD = p["embedding"][np.asarray(tokens_BT)]
+    h_BTD = x_BTD / np.sqrt(np.mean(x_BTD**2, axis=-1, keepdims=True) + 1e-5) * p["layer_0"]["attention_norm"]["scale"]
+    k_BTKH = np.einsum("btd,dkh->btkh", h_BTD, p["layer_0"]["attention"]["key_kernel"])
+    v_BTKH = np.einsum("btd,dkh->btkh", h_BTD, p["layer_0"]["attention"]["value_kernel"])
+    angles_TF = np.arange(tokens_BT.shape[1])[:, None] * rope.inverse_frequencies(H, 10_000.0)[None].astype(np.float64)
+    cos, sin = np.cos(angles_TF)[None, :, None], np.sin(angles_TF)[None, :, None]
+    k1, k2 = k_BTKH[..., :H // 2], k_BTKH[..., H // 2:]
+    return np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1), v_BTKH
+
+
+def test_pca_moments_equal_a_numpy_computation():
+    params = base_params()
+    tokens_BT, lengths_B = tokens(length=10), np.array([10, 4])
+    stats = matryoshka_pca.Moments.zeros(Config(**TINY))
+    stats = stats + matryoshka_pca.moments(compressed(kv_rank=4), with_random_bases(params), tokens_BT, lengths_B)
+    k_BTKH, v_BTKH = numpy_layer0_keys_values(params, tokens_BT)
+    valid = [(b, t) for b in range(2) for t in range(lengths_B[b])]
+    assert stats.count == 14
+    for x_BTKH, total_KH, outer_KHH in ((k_BTKH, stats.key_sum[0], stats.key_outer[0]),
+                                        (v_BTKH, stats.value_sum[0], stats.value_outer[0])):
+        x_NKH = np.stack([x_BTKH[b, t] for b, t in valid])
+        np.testing.assert_allclose(total_KH, x_NKH.sum(0), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(outer_KHH, np.einsum("nki,nkj->kij", x_NKH, x_NKH), rtol=1e-4, atol=1e-4)
+
+    # The parameters: the mean, and a basis that diagonalises numpy's covariance with descending variances.
+    subtree = matryoshka_pca.pca_params(stats)["layer_0"]["attention"]["matryoshka_kv"]
+    x_NKH = np.stack([k_BTKH[b, t] for b, t in valid])
+    np.testing.assert_allclose(subtree["key_mean"], x_NKH.mean(0), atol=1e-5)
+    covariance_KHH = np.stack([np.cov(x_NKH[:, k].T, bias=True) for k in range(2)])
+    u_KHH = np.asarray(matryoshka_kv.cayley(subtree["key_skew"]), np.float64)
+    rotated_KHH = np.einsum("kih,kij,kjl->khl", u_KHH, covariance_KHH, u_KHH)
+    variances_KH = np.diagonal(rotated_KHH, axis1=1, axis2=2)
+    np.testing.assert_allclose(rotated_KHH - variances_KH[..., None] * np.eye(H), 0.0, atol=1e-4)
+    np.testing.assert_allclose(variances_KH, np.linalg.eigvalsh(covariance_KHH)[:, ::-1], atol=1e-4)
+
+
+def test_pca_bases_truncate_better_than_the_identity_and_survive_save_and_load(tmp_path):
+    params = base_params()
+    model = compressed(kv_rank=H // 2)
+    calibration_BT = tokens(batch=4, length=12, seed=3)
+    stats = matryoshka_pca.moments(model, params, calibration_BT)
+    path = str(tmp_path / "matryoshka_kv.npz")
+    matryoshka_pca.save(path, matryoshka_pca.pca_params(stats), stats)
+    pca = matryoshka_pca.merged(params, matryoshka_pca.load(path))
+    identity = with_random_bases(params, scale=0.0)  # U = I, mu = 0: plain truncation
+    base_BTV, _ = forward(Model(Config(**TINY)), params, calibration_BT)
+    pca_error = float(jnp.abs(forward(model, pca, calibration_BT)[0] - base_BTV).mean())
+    identity_error = float(jnp.abs(forward(model, identity, calibration_BT)[0] - base_BTV).mean())
+    assert pca_error < 0.8 * identity_error  # a random tiny model is nearly isotropic: 0.65 here
+    full_BTV, _ = forward(compressed(kv_rank=H), pca, calibration_BT)
+    np.testing.assert_allclose(full_BTV, base_BTV, atol=1e-5)
+    with np.load(path) as saved:
+        eigenvalues_KH = saved["layer_0/attention/matryoshka_kv/value_eigenvalues"]
+        assert int(saved["calibration_tokens"]) == 48 and (np.diff(eigenvalues_KH, axis=1) <= 0).all()
+
+
+def test_no_calibration_tokens_is_one_line():
+    with pytest.raises(InputError) as error:
+        matryoshka_pca.pca_params(matryoshka_pca.Moments.zeros(Config(**TINY)))
+    assert "0 tokens" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_token_windows_cut_documents_into_ragged_batches():
+    documents = [[1, 2, 3], [4, 5, 6, 7, 8], [9] * 10]
+    batches = list(matryoshka_pca_tool.token_windows(documents, seq_len=4, batch_rows=2, num_tokens=11))
+    assert [lengths_B.tolist() for _, lengths_B in batches] == [[4, 4], [3, 0]]
+    np.testing.assert_array_equal(batches[0][0], [[1, 2, 3, 4], [5, 6, 7, 8]])
+    np.testing.assert_array_equal(batches[1][0], [[9, 9, 9, 0], [0, 0, 0, 0]])
+
+
+def test_the_tool_writes_the_pca_file_and_refuses_an_empty_corpus(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    for i in range(12):
+        (corpus_dir / f"m{i}.py").parent.mkdir(exist_ok=True)
+        (corpus_dir / f"m{i}.py").write_text("".join(f"def f_{i}_{j}(x):\n    return x * {j}\n" for j in range(20)))
+    fields = dict(TINY, vocab_size=300)  # room for the byte-level BPE's 256 bytes
+    config = ml_collections.ConfigDict(dict(model=dict(name="llama", **fields), data=dict(
+        corpus=str(corpus_dir), file_glob="**/*.py", max_files=0, validation_fraction=0.5, text_key="text",
+        train_split="train", validation_split="validation", tfds_data_dir=str(tmp_path / "tfds"), tokenizer_path="",
+        tokenizer_train_bytes=1_000_000, seq_len=16)))
+    model = Model(Config(**fields))
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens())["params"])
+    info = matryoshka_pca_tool.calibrate(config, str(tmp_path), model, params, num_tokens=100)
+    assert info["tokens"] == 100 and info["layers"] == 2
+    subtree = matryoshka_pca.load(info["path"])
+    assert subtree["layer_1"]["attention"]["matryoshka_kv"]["value_skew"].shape == (2, H, H)
+
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    (empty_dir / "blank.py").write_text("")
+    config.data.corpus = str(empty_dir)
+    with pytest.raises(InputError) as error:
+        matryoshka_pca_tool.calibrate(config, str(tmp_path), model, params, num_tokens=100)
+    assert "config.data.corpus" in str(error.value) and str(empty_dir) in str(error.value)
+    assert "\n" not in str(error.value)
