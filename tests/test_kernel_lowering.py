@@ -20,6 +20,7 @@ from jax.sharding import AbstractDevice, AbstractMesh
 from errors import InputError
 from pallas_kernels.decode_attention import BlockSizes, decode_attention, decode_attention_pallas
 from pallas_kernels.lightning_attention import kernel as lightning_kernel, lightning_attention, lightning_decode_step
+from pallas_kernels.low_rank_decode_attention import low_rank_decode_attention
 from pallas_kernels.splash_attention import splash_attention
 
 TARGETS = {
@@ -35,6 +36,12 @@ BF16, F32 = jnp.bfloat16, jnp.float32
 DECODE_ARGS = (
     jax.ShapeDtypeStruct((8, 32, 128), BF16), jax.ShapeDtypeStruct((8, 8, 8192, 128), BF16),
     jax.ShapeDtypeStruct((8, 8, 8192, 128), BF16), jax.ShapeDtypeStruct((8,), jnp.int32),
+)
+# MatryoshkaKV decode attention: as DECODE_ARGS with the cache compressed to 64 of 128 columns per head.
+LOW_RANK_DECODE_ARGS = (
+    DECODE_ARGS[0], jax.ShapeDtypeStruct((8, 8, 8192, 64), BF16), jax.ShapeDtypeStruct((8, 8, 8192, 64), BF16),
+    DECODE_ARGS[3], jax.ShapeDtypeStruct((8, 128, 64), F32), jax.ShapeDtypeStruct((8, 128, 64), F32),
+    jax.ShapeDtypeStruct((8,), jnp.int32), jax.ShapeDtypeStruct((8,), jnp.int32),
 )
 # Lightning: T 8192, 16 heads, head_dim 128; decays of the ALiBi schedule.
 LIGHTNING_DECAY = jnp.exp(-(2.0 ** (-8.0 * jnp.arange(1, 17) / 16)))
@@ -86,6 +93,12 @@ def test_decode_attention_lowers(platform):
     text = _lower(platform, decode_attention, *DECODE_ARGS)
     assert _kernel_calls(platform, text) == ["decode_attention_partials"]
     assert "stablehlo.optimization_barrier" in text  # the split combine's, against NaNs after compilation
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_low_rank_decode_attention_lowers(platform):
+    text = _lower(platform, low_rank_decode_attention, *LOW_RANK_DECODE_ARGS)
+    assert _kernel_calls(platform, text) == ["low_rank_decode_attention_partials"]
 
 
 @pytest.mark.parametrize("dtype", [BF16, F32])
@@ -190,6 +203,7 @@ def _equations(jaxpr):
 
 OUR_KERNELS = {
     "decode attention": (decode_attention, DECODE_ARGS, 1),
+    "low-rank decode attention": (low_rank_decode_attention, LOW_RANK_DECODE_ARGS, 1),
     "lightning forward and backward": (_lightning_value_and_grad, _lightning_args(BF16), {"cuda": 2, "tpu": 3}),
     "lightning decode step": (_lightning_decode, DECODE_STEP_ARGS, 1),
 }

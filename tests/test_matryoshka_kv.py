@@ -13,6 +13,12 @@ from errors import InputError
 from models import matryoshka_kv, matryoshka_pca, rope
 from models.llama import Config, Model
 from models.low_rank_kv_cache import LowRankKVCache
+from pallas_kernels.decode_attention import BlockSizes
+from pallas_kernels.low_rank_decode_attention import (
+    check_rank,
+    low_rank_decode_attention,
+    low_rank_decode_attention_pallas,
+)
 from tools import matryoshka_pca as matryoshka_pca_tool
 
 TINY = dict(vocab_size=97, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
@@ -123,8 +129,9 @@ def test_truncated_bases_give_a_lower_rank_model_that_degrades_gracefully():
 
 
 @pytest.mark.parametrize("fields", [dict(kv_rank=5), dict(kv_rank=6, kv_key_ranks=(6, 3, 2, 6),
-                                                          kv_value_ranks=(1, 6, 4, 4))],
-                         ids=["uniform", "per-head"])
+                                                          kv_value_ranks=(1, 6, 4, 4)),
+                                    dict(kv_rank=4, softmax_implementation="pallas")],
+                         ids=["uniform", "per-head", "pallas"])
 def test_cached_decode_with_the_compressed_cache_equals_the_full_forward(fields):
     model = compressed(**fields)
     params = with_random_bases(base_params())
@@ -274,3 +281,119 @@ def test_the_tool_writes_the_pca_file_and_refuses_an_empty_corpus(tmp_path):
         matryoshka_pca_tool.calibrate(config, str(tmp_path), model, params, num_tokens=100)
     assert "config.data.corpus" in str(error.value) and str(empty_dir) in str(error.value)
     assert "\n" not in str(error.value)
+
+
+# The Pallas decode kernel over the compressed cache.
+
+def kernel_inputs(lengths, kv_heads=2, group=2, cache_len=37, head_dim=16, rank=12, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    batch = len(lengths)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)  # noqa: E731
+    bases_KHH = np.linalg.qr(rng.standard_normal((2, kv_heads, head_dim, head_dim)))[0]
+    return dict(
+        q_BNH=normal(batch, kv_heads * group, head_dim), k_BKSR=normal(batch, kv_heads, cache_len, rank),
+        v_BKSR=normal(batch, kv_heads, cache_len, rank), lengths_B=jnp.asarray(lengths, jnp.int32),
+        key_basis_KHR=jnp.asarray(bases_KHH[0, ..., :rank], jnp.float32),
+        value_basis_KHR=jnp.asarray(bases_KHH[1, ..., :rank], jnp.float32),
+        key_ranks_K=jnp.asarray(rng.integers(1, rank + 1, kv_heads), jnp.int32).at[0].set(rank),
+        value_ranks_K=jnp.asarray(rng.integers(1, rank + 1, kv_heads), jnp.int32))
+
+
+def pallas(inputs, backend, block_size, num_splits=None):
+    """Either wrapper in interpret mode (the dispatcher picks the GPU one on CPU)."""
+    batch, kv_heads, cache_len, rank = inputs["k_BKSR"].shape
+    blocks = BlockSizes(block_size, num_splits).resolve(backend, compiled=False, programs=batch * kv_heads,
+                                                        cache_len=cache_len, head_dim=rank,
+                                                        itemsize=inputs["k_BKSR"].dtype.itemsize)
+    return low_rank_decode_attention_pallas(*inputs.values(), scale=inputs["q_BNH"].shape[-1] ** -0.5, blocks=blocks,
+                                            backend=backend, interpret=True)
+
+
+def test_kernel_reference_matches_numpy_per_sequence_and_head():
+    inputs = kernel_inputs([0, 1, 20, 37])
+    o_BNH = np.asarray(low_rank_decode_attention(**inputs, implementation="reference"))
+    x = {name: np.asarray(value, np.float64) for name, value in inputs.items()}
+    for b, length in enumerate(inputs["lengths_B"].tolist()):
+        for n in range(4):
+            k = n // 2
+            if length == 0:
+                np.testing.assert_array_equal(o_BNH[b, n], 0.0)
+                continue
+            key_rank, value_rank = int(x["key_ranks_K"][k]), int(x["value_ranks_K"][k])
+            q_R = x["q_BNH"][b, n] @ x["key_basis_KHR"][k][:, :key_rank]
+            s = x["k_BKSR"][b, k, :length, :key_rank] @ q_R / 4.0
+            p = np.exp(s - s.max())
+            o_R = p @ x["v_BKSR"][b, k, :length, :value_rank] / p.sum()
+            np.testing.assert_allclose(o_BNH[b, n], x["value_basis_KHR"][k][:, :value_rank] @ o_R, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,group,head_dim,rank,cache_len,block_size", [
+    ("gpu", 2, 16, 12, 37, 8),   # a rank Triton would need padded: interpret mode takes it
+    ("gpu", 1, 32, 16, 64, 16),
+    ("tpu", 4, 16, 12, 37, 8),
+])
+def test_pallas_kernel_matches_the_reference(backend, group, head_dim, rank, cache_len, block_size):
+    inputs = kernel_inputs([0, 1, cache_len // 2 + 3, cache_len], group=group, cache_len=cache_len,
+                           head_dim=head_dim, rank=rank)
+    o_BNH = pallas(inputs, backend, block_size, num_splits=2)
+    ref_BNH = low_rank_decode_attention(**inputs, implementation="reference")
+    assert o_BNH.shape == inputs["q_BNH"].shape
+    np.testing.assert_allclose(o_BNH, ref_BNH, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(o_BNH[0], 0.0)
+
+
+def test_pallas_kernel_matches_the_reference_bf16():
+    inputs = kernel_inputs([5, 37], dtype=jnp.bfloat16, rank=16)
+    o_BNH = pallas(inputs, "gpu", 16)
+    ref_BNH = low_rank_decode_attention(**inputs, implementation="reference")
+    np.testing.assert_allclose(np.asarray(o_BNH, np.float32), np.asarray(ref_BNH, np.float32), atol=3e-2)
+
+
+def test_kernel_decode_equals_the_compressed_models_attention():
+    """The kernel over a model's compressed cache, plus the value mean, is the layer's attention output."""
+    params = with_random_bases(base_params())
+    model = compressed(kv_rank=6, kv_key_ranks=(6, 3, 2, 6), kv_value_ranks=(1, 6, 4, 4))
+    tokens_BT = tokens(length=9)
+    cache = model.init_cache(2, 12)
+    _, cache = jax.jit(model.apply)({"params": params}, tokens_BT[:, :8], cache, jnp.array([8, 5]))
+    layer = cache.layers[0]
+    subtree = params["layer_0"]["attention"]["matryoshka_kv"]
+    bases = [matryoshka_kv.cayley(subtree[f"{kind}_skew"])[..., :6] for kind in ("key", "value")]
+    q_BNH = jax.random.normal(jax.random.key(5), (2, 4, H))
+    inputs = dict(q_BNH=q_BNH, k_BKSR=layer.columns.k_BKSH, v_BKSR=layer.columns.v_BKSH, lengths_B=jnp.array([8, 5]),
+                  key_basis_KHR=bases[0], value_basis_KHR=bases[1], key_ranks_K=jnp.array(layer.key_ranks),
+                  value_ranks_K=jnp.array(layer.value_ranks))
+    o_BNH = low_rank_decode_attention(**inputs)
+
+    class Layer(nn.Module):  # the layer's own compress, attend and expand, at the same cache
+        @nn.compact
+        def __call__(self, q_BTNH):
+            mkv = matryoshka_kv.MatryoshkaKV(2, H, 6, layer.key_ranks, layer.value_ranks, name="matryoshka_kv")
+            zeros_BTKH = jnp.zeros((2, 1, 2, H))
+            q_BTNR = mkv.compress(q_BTNH, zeros_BTKH, zeros_BTKH)[0]
+            return mkv.expand(layer.attend(q_BTNR, jnp.array([[7], [4]]), "reference"))
+
+    expected_B1NH = Layer().apply({"params": {"matryoshka_kv": subtree}}, q_BNH[:, None])
+    np.testing.assert_allclose(o_BNH + jnp.repeat(subtree["value_mean"], 2, axis=0)[None], expected_B1NH[:, 0],
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(k_BKSR=jnp.zeros((2, 2, 37, 20)), v_BKSR=jnp.zeros((2, 2, 37, 20))),
+     r"rank=20 columns per head; expected 1 to head_dim=16"),
+    (dict(key_basis_KHR=jnp.zeros((2, 16, 8))), r"key_basis_KHR shape \(2, 16, 8\) != \(kv_heads, head_dim, rank\)"),
+    (dict(value_ranks_K=jnp.zeros((3,), jnp.int32)), r"value_ranks_K shape \(3,\) != \(kv_heads,\)"),
+    (dict(lengths_B=jnp.zeros((3,), jnp.int32)), r"lengths_B shape \(3,\)"),
+])
+def test_bad_kernel_inputs_are_one_line(change, match):
+    with pytest.raises(InputError, match=match) as error:
+        low_rank_decode_attention(**{**kernel_inputs([1, 2]), **change})
+    assert "\n" not in str(error.value)
+
+
+def test_a_rank_triton_would_pad_is_refused_when_compiling_for_a_gpu():
+    with pytest.raises(InputError, match=r"kv_rank=24; the GPU \(Triton\) kernel needs a power of two >= 16") as e:
+        check_rank(24, "gpu", compiled=True, key="kv_rank")
+    assert "\n" not in str(e.value)
+    for rank, backend, compiled in ((16, "gpu", True), (24, "gpu", False), (24, "tpu", True)):
+        check_rank(rank, backend, compiled)
