@@ -5,13 +5,17 @@ Each head's keys and values are stored as their first kv_rank coordinates in the
 [batch, kv_heads, cache_len, kv_rank], kv_rank <= head_dim. Heads with a lower rank of their own keep zeros in the
 columns past it (the layer masks them before writing), so one padded width serves every head and the attention
 over it is the ordinary one at width kv_rank: the arrays sit in a KVCache, whose writes, rollback, tree paths and
-attention (einsums, or the flash-decoding kernel) apply unchanged. The ranks are static fields, for the sizes.
+attention einsums apply unchanged. One-token decode steps under implementation "pallas" run the compressed-cache
+kernel (pallas_kernels/low_rank_decode_attention) with the heads' rank masks. The ranks are static fields.
 """
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 
 from models.kv_cache import KVCache
+from pallas_kernels.low_rank_decode_attention import low_rank_decode_attention
+from parallel import mesh as mesh_lib
 
 
 @flax.struct.dataclass
@@ -66,5 +70,12 @@ class LowRankKVCache:
 
     def attend(self, q_BTNR, positions_BT, implementation: str, tree_mask_TN=None, slots_BT=None):
         """Compressed queries over the compressed cache, as KVCache.attend: [B, T, N, kv_rank] in each head's
-        value basis (MatryoshkaKV.expand takes it back to head_dim)."""
+        value basis (MatryoshkaKV.expand takes it back to head_dim). The queries come scaled for logits at
+        kv_rank^-0.5 (MatryoshkaKV.compress), as KVCache.attend and the kernel apply them."""
+        if implementation == "pallas" and q_BTNR.shape[1] == 1 and tree_mask_TN is None:
+            k_BKSR, v_BKSR = self.columns.k_BKSH, self.columns.v_BKSH
+            sharding = mesh_lib.kernel_sharding("cache_batch", "cache_heads", k_BKSR.shape)
+            return low_rank_decode_attention(q_BTNR[:, 0], k_BKSR, v_BKSR, positions_BT[:, 0] + 1, None, None,
+                                             jnp.asarray(self.key_ranks, jnp.int32),
+                                             jnp.asarray(self.value_ranks, jnp.int32), sharding=sharding)[:, None]
         return self.columns.attend(q_BTNR, positions_BT, implementation, tree_mask_TN, slots_BT)

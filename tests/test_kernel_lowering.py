@@ -95,9 +95,15 @@ def test_decode_attention_lowers(platform):
     assert "stablehlo.optimization_barrier" in text  # the split combine's, against NaNs after compilation
 
 
+# The model's own call: queries already in the key basis, no bases.
+LOW_RANK_DECODE_IN_BASIS_ARGS = (jax.ShapeDtypeStruct((8, 32, 64), BF16), *LOW_RANK_DECODE_ARGS[1:4], None, None,
+                                 *LOW_RANK_DECODE_ARGS[6:])
+
+
+@pytest.mark.parametrize("args", [LOW_RANK_DECODE_ARGS, LOW_RANK_DECODE_IN_BASIS_ARGS], ids=["bases", "in-basis"])
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_low_rank_decode_attention_lowers(platform):
-    text = _lower(platform, low_rank_decode_attention, *LOW_RANK_DECODE_ARGS)
+def test_low_rank_decode_attention_lowers(platform, args):
+    text = _lower(platform, low_rank_decode_attention, *args)
     assert _kernel_calls(platform, text) == ["low_rank_decode_attention_partials"]
 
 

@@ -147,6 +147,8 @@ def test_cached_decode_with_the_compressed_cache_equals_the_full_forward(fields)
     for b, length in enumerate(lengths_B):
         np.testing.assert_allclose(logits_BTV[b, :length], full_BTV[b, :length], atol=2e-5)
     decode = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c))
+    if fields.get("softmax_implementation") == "pallas":  # the compressed-cache kernel runs the decode steps
+        assert "low_rank_decode_attention_partials" in str(jax.make_jaxpr(decode)(params, tokens_BT[:, :1], cache))
     for _ in range(4):
         positions_B = np.asarray(cache.lengths_B)
         step_B1V, cache = decode(params, jnp.take_along_axis(tokens_BT, cache.lengths_B[:, None], axis=1), cache)
@@ -384,6 +386,9 @@ def test_kernel_decode_equals_the_compressed_models_attention():
     (dict(key_basis_KHR=jnp.zeros((2, 16, 8))), r"key_basis_KHR shape \(2, 16, 8\) != \(kv_heads, head_dim, rank\)"),
     (dict(value_ranks_K=jnp.zeros((3,), jnp.int32)), r"value_ranks_K shape \(3,\) != \(kv_heads,\)"),
     (dict(lengths_B=jnp.zeros((3,), jnp.int32)), r"lengths_B shape \(3,\)"),
+    (dict(value_basis_KHR=None), r"key_basis_KHR and value_basis_KHR must both be given"),
+    (dict(key_basis_KHR=None, value_basis_KHR=None),
+     r"without bases q_BNH \(2, 4, 16\) must have the cache's rank=12"),
 ])
 def test_bad_kernel_inputs_are_one_line(change, match):
     with pytest.raises(InputError, match=match) as error:
@@ -397,3 +402,13 @@ def test_a_rank_triton_would_pad_is_refused_when_compiling_for_a_gpu():
     assert "\n" not in str(e.value)
     for rank, backend, compiled in ((16, "gpu", True), (24, "gpu", False), (24, "tpu", True)):
         check_rank(rank, backend, compiled)
+
+
+def test_kernel_without_bases_runs_in_the_key_and_value_bases():
+    inputs = kernel_inputs([0, 9, 37], rank=16)
+    q_BNR = jnp.einsum("bkgh,khr->bkgr", inputs["q_BNH"].reshape(3, 2, 2, 16), inputs["key_basis_KHR"])
+    bare = dict(inputs, q_BNH=q_BNR.reshape(3, 4, 16), key_basis_KHR=None, value_basis_KHR=None)
+    o_BNR = pallas(bare, "gpu", 8)
+    np.testing.assert_allclose(o_BNR, low_rank_decode_attention(**bare, implementation="reference"), atol=1e-5)
+    o_BNH = jnp.einsum("bkgr,khr->bkgh", o_BNR.reshape(3, 2, 2, 16), inputs["value_basis_KHR"]).reshape(3, 4, 16)
+    np.testing.assert_allclose(o_BNH, low_rank_decode_attention(**inputs, implementation="reference"), atol=1e-5)

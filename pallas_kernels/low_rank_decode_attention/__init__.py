@@ -31,11 +31,17 @@ def _validate(q_BNH, k_BKSR, v_BKSR, lengths_B, key_basis_KHR, value_basis_KHR, 
     if k_BKSR.shape[0] != batch or kv_heads == 0 or num_heads % kv_heads:
         raise InputError(f"{_CALLER}: q_BNH shape {q_BNH.shape} and k_BKSR shape {k_BKSR.shape} disagree: the "
                          "same batch, and num_heads a multiple of kv_heads")
+    if (key_basis_KHR is None) != (value_basis_KHR is None):
+        raise InputError(f"{_CALLER}: key_basis_KHR and value_basis_KHR must both be given (q in head_dim "
+                         "coordinates) or both be None (q already in the key basis)")
+    if key_basis_KHR is None and head_dim != rank:
+        raise InputError(f"{_CALLER}: without bases q_BNH {q_BNH.shape} must have the cache's rank={rank} columns "
+                         f"(k_BKSR {k_BKSR.shape})")
     if not 1 <= rank <= head_dim:
         raise InputError(f"{_CALLER}: k_BKSR holds rank={rank} columns per head; expected 1 to head_dim={head_dim} "
                          f"(q_BNH {q_BNH.shape})")
     for name, basis in (("key_basis_KHR", key_basis_KHR), ("value_basis_KHR", value_basis_KHR)):
-        if basis.shape != (kv_heads, head_dim, rank):
+        if basis is not None and basis.shape != (kv_heads, head_dim, rank):
             raise InputError(f"{_CALLER}: {name} shape {basis.shape} != (kv_heads, head_dim, rank) = "
                              f"{(kv_heads, head_dim, rank)}")
     for name, ranks in (("key_ranks_K", key_ranks_K), ("value_ranks_K", value_ranks_K)):
@@ -62,7 +68,8 @@ def low_rank_decode_attention(
     -> o [B, N, H]: softmax((q U_k) k^T * scale) v U_v^T, with U = key_basis_KHR / value_basis_KHR [K, H, R] (the
     first R columns of each KV head's orthogonal basis) and, per KV head, the query columns past key_ranks_K and
     the output columns past value_ranks_K zeroed. The value mean is not added (the caller's, like U_v^T, could be
-    folded into the output projection).
+    folded into the output projection). With both bases None, q [B, N, R] is already in the key basis and the
+    output [B, N, R] stays in the value basis (the model's own path: MatryoshkaKV projects around attention).
 
     Sequence b attends to positions [0, lengths_B[b]) and gets zeros if its length is 0. scale=None means
     1/sqrt(H), the uncompressed layer's. The tiling arguments, interpret and sharding are decode_attention's."""
@@ -76,7 +83,7 @@ def low_rank_decode_attention(
         check_rank(k_BKSR.shape[3], backend, compiled=not interpret)
         requested = BlockSizes(block_size, num_splits, num_warps, num_stages)
 
-        def attend(q, k, v, lengths, uk, uv, key_ranks, value_ranks):
+        def attend(q, k, v, lengths, uk, uv, key_ranks, value_ranks):  # uk, uv: None for q in the key basis
             blocks = requested.resolve(
                 backend, compiled=not interpret, programs=q.shape[0] * k.shape[1], cache_len=k.shape[2],
                 head_dim=k.shape[3], itemsize=k.dtype.itemsize,
@@ -90,7 +97,10 @@ def low_rank_decode_attention(
     roles = ("bh.", "bh..", "bh..", "b", "h..", "h..", "h", "h")
     names = ("q_BNH", "k_BKSR", "v_BKSR", "lengths_B", "key_basis_KHR", "value_basis_KHR", "key_ranks_K",
              "value_ranks_K")
-    inputs = {name: (array, role) for name, array, role in zip(names, args, roles)}
+    inputs = {name: (array, role) for name, array, role in zip(names, args, roles) if array is not None}
+    if key_basis_KHR is None:
+        return sharding.run(lambda q, k, v, lengths, key_ranks, value_ranks: attend(
+            q, k, v, lengths, None, None, key_ranks, value_ranks), inputs, "bh.", caller=_CALLER)
     return sharding.run(attend, inputs, "bh.", caller=_CALLER)
 
 

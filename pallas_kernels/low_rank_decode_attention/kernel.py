@@ -36,10 +36,15 @@ def _dot(a, b, contract, precision):
     return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
 
 
-def _attend_split(length, key_rank, value_rank, q_ref, uk_ref, k_ref, v_ref, uv_ref, o_ref, m_ref, l_ref, *,
-                  scale, block, blocks_per_split):
+def _attend_split(length, key_rank, value_rank, *refs, scale, block, blocks_per_split, projected):
     """q_ref [G, H] through uk_ref [H, R], attending to this split's blocks of k_ref/v_ref [split_len, R] below
-    `length`, back through uv_ref [H, R]. Row statistics stay 2-D [G, 1] (Mosaic lays out vectors in 2-D tiles)."""
+    `length`, back through uv_ref [H, R]; unless not `projected`, where q_ref is [G, R] already in the key basis
+    and the output stays in the value basis (no uk_ref, uv_ref). Row statistics stay 2-D [G, 1] (Mosaic lays out
+    vectors in 2-D tiles)."""
+    if projected:
+        q_ref, uk_ref, k_ref, v_ref, uv_ref, o_ref, m_ref, l_ref = refs
+    else:
+        q_ref, k_ref, v_ref, o_ref, m_ref, l_ref = refs
     split_start = pl.program_id(2) * blocks_per_split * block
     num_blocks = jnp.clip((length - split_start + block - 1) // block, 0, blocks_per_split)
     q_GH = q_ref[...]
@@ -47,7 +52,7 @@ def _attend_split(length, key_rank, value_rank, q_ref, uk_ref, k_ref, v_ref, uv_
     # fp32 inputs get IEEE matmuls (Triton would otherwise use TF32); bf16 inputs accumulate in fp32 either way.
     precision = jax.lax.Precision.HIGHEST if q_GH.dtype == jnp.float32 else None
     columns_1R = jax.lax.broadcasted_iota(jnp.int32, (1, rank), 1)
-    qc_GR = _dot(q_GH, uk_ref[...], ((1,), (0,)), precision)
+    qc_GR = _dot(q_GH, uk_ref[...], ((1,), (0,)), precision) if projected else q_GH
     qc_GR = jnp.where(columns_1R < key_rank, qc_GR, 0.0).astype(k_ref.dtype)
 
     def visit_block(j, carry):
@@ -76,8 +81,10 @@ def _attend_split(length, key_rank, value_rank, q_ref, uk_ref, k_ref, v_ref, uv_
     )
     m_G1, l_G1, acc_GR = jax.lax.fori_loop(0, num_blocks, visit_block, init)
     acc_GR = jnp.where(columns_1R < value_rank, acc_GR, 0.0)
-    uv_HR = uv_ref[...]
-    o_ref[...] = _dot(acc_GR.astype(uv_HR.dtype), uv_HR, ((1,), (1,)), precision)
+    if projected:
+        uv_HR = uv_ref[...]
+        acc_GR = _dot(acc_GR.astype(uv_HR.dtype), uv_HR, ((1,), (1,)), precision)
+    o_ref[...] = acc_GR
     m_ref[...] = jnp.broadcast_to(m_G1, m_ref.shape)
     l_ref[...] = jnp.broadcast_to(l_G1, l_ref.shape)
 
@@ -97,14 +104,14 @@ def _partials_shapes(q_BKGH, num_splits, stats_width):
     return [jax.ShapeDtypeStruct((batch, kv_heads, num_splits, group, head_dim), jnp.float32), stats, stats]
 
 
-def _cost(q_BKGH, k_BKSR, num_splits, out_shape):
+def _cost(q_BKGH, k_BKSR, num_splits, out_shape, projected):
     """Upper bound (every position valid): q.k and p.v at width R, the two basis products per split, one exp per
     score, the cache read once."""
     batch, kv_heads, group, head_dim = q_BKGH.shape
     rank = k_BKSR.shape[3]
     scores = batch * kv_heads * group * k_BKSR.shape[2]
-    projections = 2 * 2 * batch * kv_heads * num_splits * group * head_dim * rank
-    read = (q_BKGH.size + 2 * k_BKSR.size + 2 * kv_heads * head_dim * rank) * k_BKSR.dtype.itemsize
+    projections = 2 * 2 * batch * kv_heads * num_splits * group * head_dim * rank * projected
+    read = (q_BKGH.size + 2 * k_BKSR.size + 2 * kv_heads * head_dim * rank * projected) * k_BKSR.dtype.itemsize
     written = sum(s.size * 4 for s in out_shape)
     return pl.CostEstimate(flops=4 * scores * rank + projections, transcendentals=scores,
                            bytes_accessed=read + written)
@@ -112,6 +119,7 @@ def _cost(q_BKGH, k_BKSR, num_splits, out_shape):
 
 def _gpu_partials(q_BKGH, uk_KHR, k_BKSR, v_BKSR, uv_KHR, lengths_B, key_ranks_K, value_ranks_K, *, static, blocks,
                   split_len, interpret):
+    projected = static["projected"]
     batch, kv_heads, group, head_dim = q_BKGH.shape
     rank = k_BKSR.shape[3]
     out_shape = _partials_shapes(q_BKGH, blocks.num_splits, 1)
@@ -126,10 +134,10 @@ def _gpu_partials(q_BKGH, uk_KHR, k_BKSR, v_BKSR, uv_KHR, lengths_B, key_ranks_K
             head_scalar,
             head_scalar,
             pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0)),
-            basis_spec,
+            *[basis_spec] * projected,
             kv_spec,
             kv_spec,
-            basis_spec,
+            *[basis_spec] * projected,
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, group, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
@@ -139,13 +147,18 @@ def _gpu_partials(q_BKGH, uk_KHR, k_BKSR, v_BKSR, uv_KHR, lengths_B, key_ranks_K
         out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
-        cost_estimate=_cost(q_BKGH, k_BKSR, blocks.num_splits, out_shape),
+        cost_estimate=_cost(q_BKGH, k_BKSR, blocks.num_splits, out_shape, projected),
         name="low_rank_decode_attention_partials",
-    )(lengths_B, key_ranks_K, value_ranks_K, q_BKGH, uk_KHR, k_BKSR, v_BKSR, uv_KHR)
+    )(lengths_B, key_ranks_K, value_ranks_K, *_operands(q_BKGH, uk_KHR, k_BKSR, v_BKSR, uv_KHR, projected))
+
+
+def _operands(q_BKGH, uk_KHR, k_BKSR, v_BKSR, uv_KHR, projected):
+    return (q_BKGH, uk_KHR, k_BKSR, v_BKSR, uv_KHR) if projected else (q_BKGH, k_BKSR, v_BKSR)
 
 
 def _tpu_partials(q_BKGH, uk_KHR, k_BKSR, v_BKSR, uv_KHR, lengths_B, key_ranks_K, value_ranks_K, *, static, blocks,
                   split_len, interpret):
+    projected = static["projected"]
     batch, kv_heads, group, head_dim = q_BKGH.shape
     rank = k_BKSR.shape[3]
     out_shape = _partials_shapes(q_BKGH, blocks.num_splits, _TPU_LANES)
@@ -162,10 +175,10 @@ def _tpu_partials(q_BKGH, uk_KHR, k_BKSR, v_BKSR, uv_KHR, lengths_B, key_ranks_K
         grid=(batch, kv_heads, blocks.num_splits),
         in_specs=[
             pl.BlockSpec((None, None, group, head_dim), lambda b, h, s, *_: (b, h, 0, 0)),
-            basis_spec,
+            *[basis_spec] * projected,
             kv_spec,
             kv_spec,
-            basis_spec,
+            *[basis_spec] * projected,
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, group, head_dim), lambda b, h, s, *_: (b, h, s, 0, 0)),
@@ -179,17 +192,19 @@ def _tpu_partials(q_BKGH, uk_KHR, k_BKSR, v_BKSR, uv_KHR, lengths_B, key_ranks_K
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
         interpret=interpret,
-        cost_estimate=_cost(q_BKGH, k_BKSR, blocks.num_splits, out_shape),
+        cost_estimate=_cost(q_BKGH, k_BKSR, blocks.num_splits, out_shape, projected),
         name="low_rank_decode_attention_partials",
-    )(lengths_B, key_ranks_K, value_ranks_K, q_BKGH, uk_KHR, k_BKSR, v_BKSR, uv_KHR)
+    )(lengths_B, key_ranks_K, value_ranks_K, *_operands(q_BKGH, uk_KHR, k_BKSR, v_BKSR, uv_KHR, projected))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "blocks", "backend", "interpret"))
 def low_rank_decode_attention_pallas(q_BNH, k_BKSR, v_BKSR, lengths_B, key_basis_KHR, value_basis_KHR, key_ranks_K,
                                      value_ranks_K, *, scale, blocks, backend, interpret):
-    """q [B, N, H] over the compressed k/v [B, K, S, R] with bases [K, H, R] and ranks [K] -> o [B, N, H].
+    """q [B, N, H] over the compressed k/v [B, K, S, R] with bases [K, H, R] and ranks [K] -> o [B, N, H]; with
+    both bases None, q [B, N, R] already in the key basis -> o [B, N, R] in the value basis.
 
     Inputs are assumed validated and `blocks` resolved for the backend and width R (the dispatcher does both)."""
+    projected = key_basis_KHR is not None
     batch, num_heads, head_dim = q_BNH.shape
     kv_heads, cache_len, rank = k_BKSR.shape[1:]
     group = num_heads // kv_heads
@@ -206,8 +221,8 @@ def low_rank_decode_attention_pallas(q_BNH, k_BKSR, v_BKSR, lengths_B, key_basis
     # The bases in q's dtype: the kernel's dots take operands of one dtype. Zero rows and columns of padding
     # contribute nothing and come out as zero output columns.
     basis_pad = ((0, 0), (0, head_pad - head_dim), (0, rank_pad - rank))
-    uk_KHR = jnp.pad(key_basis_KHR.astype(q_BNH.dtype), basis_pad)
-    uv_KHR = jnp.pad(value_basis_KHR.astype(q_BNH.dtype), basis_pad)
+    uk_KHR = jnp.pad(key_basis_KHR.astype(q_BNH.dtype), basis_pad) if projected else None
+    uv_KHR = jnp.pad(value_basis_KHR.astype(q_BNH.dtype), basis_pad) if projected else None
     kv_pad = ((0, 0), (0, 0), (0, cache_pad - cache_len), (0, rank_pad - rank))
     if kv_pad != ((0, 0),) * 4:  # copies the cache: only in interpret mode, or a cache_len off the block size
         k_BKSR, v_BKSR = jnp.pad(k_BKSR, kv_pad), jnp.pad(v_BKSR, kv_pad)
@@ -216,7 +231,7 @@ def low_rank_decode_attention_pallas(q_BNH, k_BKSR, v_BKSR, lengths_B, key_basis
     partials = _gpu_partials if backend == "gpu" else _tpu_partials
     o_BKPGH, m_BKPG1, l_BKPG1 = partials(
         q_BKGH, uk_KHR, k_BKSR, v_BKSR, uv_KHR, lengths_B, key_ranks_K, value_ranks_K,
-        static=dict(scale=scale, block=blocks.block_size, blocks_per_split=blocks_per_split),
+        static=dict(scale=scale, block=blocks.block_size, blocks_per_split=blocks_per_split, projected=projected),
         blocks=blocks,
         split_len=blocks_per_split * blocks.block_size,
         interpret=interpret,
