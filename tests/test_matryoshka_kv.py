@@ -31,13 +31,18 @@ def tokens(batch=2, length=12, seed=0):
 
 
 @functools.cache
-def _base_params():
-    model = Model(Config(**TINY))
-    return nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens())["params"])  # eager init takes seconds
+def random_params(vocab_size=TINY["vocab_size"]):
+    """Random parameters of the base model, drawn in numpy: compiling model.init takes ~7 s on a busy CPU."""
+    model = Model(Config(**{**TINY, "vocab_size": vocab_size}))
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(1), tokens())["params"])
+    rng = np.random.default_rng(1)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.ones(x.shape) if path[-1].key == "scale" else
+        jnp.asarray(0.2 * rng.standard_normal(x.shape), jnp.float32), shapes)
 
 
 def base_params():
-    return jax.tree.map(lambda x: x, _base_params())
+    return jax.tree.map(lambda x: x, random_params())
 
 
 def forward(model, params, tokens_BT):
@@ -102,11 +107,11 @@ def test_full_rank_equals_the_base_model():
 def test_the_subtree_is_absent_when_disabled_and_present_when_enabled():
     params = base_params()
     assert all("matryoshka_kv" not in params[f"layer_{i}"]["attention"] for i in range(2))
-    enabled = nn.meta.unbox(jax.jit(compressed(kv_rank=4).init)(jax.random.key(1), tokens())["params"])
+    enabled = nn.meta.unbox(jax.eval_shape(compressed(kv_rank=4).init, jax.random.key(1), tokens())["params"])
     subtree = enabled["layer_0"]["attention"]["matryoshka_kv"]
     assert {name: x.shape for name, x in subtree.items()} == {
         "key_skew": (2, H, H), "key_mean": (2, H), "value_skew": (2, H, H), "value_mean": (2, H)}
-    # The rest is the base model's tree; the bases start at U = I.
+    # The rest is the base model's tree.
     enabled["layer_0"]["attention"].pop("matryoshka_kv")
     enabled["layer_1"]["attention"].pop("matryoshka_kv")
     assert jax.tree.structure(enabled) == jax.tree.structure(params)
@@ -269,7 +274,7 @@ def test_the_tool_writes_the_pca_file_and_refuses_an_empty_corpus(tmp_path):
         train_split="train", validation_split="validation", tfds_data_dir=str(tmp_path / "tfds"), tokenizer_path="",
         tokenizer_train_bytes=1_000_000, seq_len=16)))
     model = Model(Config(**fields))
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens())["params"])
+    params = random_params(vocab_size=300)
     info = matryoshka_pca_tool.calibrate(config, str(tmp_path), model, params, num_tokens=100)
     assert info["tokens"] == 100 and info["layers"] == 2
     subtree = matryoshka_pca.load(info["path"])
@@ -412,3 +417,17 @@ def test_kernel_without_bases_runs_in_the_key_and_value_bases():
     np.testing.assert_allclose(o_BNR, low_rank_decode_attention(**bare, implementation="reference"), atol=1e-5)
     o_BNH = jnp.einsum("bkgr,khr->bkgh", o_BNR.reshape(3, 2, 2, 16), inputs["value_basis_KHR"]).reshape(3, 4, 16)
     np.testing.assert_allclose(o_BNH, low_rank_decode_attention(**inputs, implementation="reference"), atol=1e-5)
+
+
+def test_folding_the_value_basis_into_the_output_projection_changes_nothing():
+    params = with_random_bases(base_params())
+    attention = params["layer_0"]["attention"]
+    subtree = attention["matryoshka_kv"]
+    o_BTNR = jnp.where(jnp.arange(6) < 4, jax.random.normal(jax.random.key(2), (2, 3, 4, 6)), 0.0)  # ranks 4
+    expanded_BTNH = matryoshka_kv.MatryoshkaKV(2, H, 6, (4, 4), (4, 4)).apply({"params": subtree}, o_BTNR,
+                                                                              method="expand")
+    unfolded_BTD = jnp.einsum("btnh,nhd->btd", expanded_BTNH, attention["out_kernel"])
+    kernel_NRD, bias_D = matryoshka_kv.fold_output_projection(attention["out_kernel"], subtree["value_skew"],
+                                                              subtree["value_mean"], 6)
+    folded_BTD = jnp.einsum("btnr,nrd->btd", o_BTNR, kernel_NRD) + bias_D[None, None]
+    np.testing.assert_allclose(folded_BTD, unfolded_BTD, atol=1e-5)
