@@ -67,6 +67,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         lightning_block_size=64,
         dtype="float32",  # compute dtype; parameters and optimizer state stay float32
         remat="none",  # "none" | "full" | "dots"
+        # MatryoshkaKV (models/matryoshka_kv.py): cache kv_rank of head_dim columns per KV head (0 = off); per-head
+        # ranks in [1, kv_rank], num_layers * num_kv_heads of them layer-major, or () for kv_rank everywhere.
+        # Bases from PCA: python tools/matryoshka_pca.py --config=... --workdir=...
+        kv_rank=0,
+        kv_key_ranks=(),
+        kv_value_ranks=(),
     ))
 
     config.data = ml_collections.ConfigDict(dict(

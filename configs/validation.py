@@ -18,6 +18,7 @@ import evaluators
 from data import jacobi_trajectories, tokenizer as tokenizer_lib
 from errors import InputError, checks
 from models import registry
+from pallas_kernels import low_rank_decode_attention
 from parallel import mesh as mesh_lib
 
 
@@ -127,3 +128,7 @@ def _kernels_fit_backend(model) -> None:
     if uses_pallas_lightning and backend == "gpu" and (block < 16 or block & (block - 1)):
         raise InputError(f"config.model.lightning_block_size={block} must be a power of two >= 16 for the Pallas "
                          "lightning kernel on GPU (Triton)")
+    kv_rank = model.get("kv_rank", 0)
+    if kv_rank and model.softmax_implementation == "pallas" and "softmax" in model.mixer_pattern:
+        low_rank_decode_attention.check_rank(kv_rank, "gpu" if backend == "gpu" else "tpu", compiled=backend != "cpu",
+                                             key="config.model.kv_rank")

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import validation
 from errors import InputError
 from models import matryoshka_kv, matryoshka_pca, rope
 from models.llama import Config, Model
@@ -431,3 +432,14 @@ def test_folding_the_value_basis_into_the_output_projection_changes_nothing():
                                                               subtree["value_mean"], 6)
     folded_BTD = jnp.einsum("btnr,nrd->btd", o_BTNR, kernel_NRD) + bias_D[None, None]
     np.testing.assert_allclose(folded_BTD, unfolded_BTD, atol=1e-5)
+
+
+def test_a_kv_rank_the_gpu_kernel_cannot_take_is_refused_at_start(monkeypatch):
+    model = ml_collections.ConfigDict(dict(TINY, kv_rank=6, softmax_implementation="pallas", mixer_pattern="softmax",
+                                           lightning_implementation="chunked", lightning_block_size=64))
+    validation._kernels_fit_backend(model)  # on the CPU: interpret mode takes any width
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(InputError, match=r"config.model.kv_rank=6; the GPU \(Triton\) kernel needs a power of two"):
+        validation._kernels_fit_backend(model)
+    model.kv_rank = 16
+    validation._kernels_fit_backend(model)

@@ -94,6 +94,7 @@ def calibrate(config, workdir: str, model, params, num_tokens: int, mesh=None, r
 
 def build(config, workdir: str, num_tokens: int) -> dict:
     """The workdir's latest checkpoint (or config.init_from) measured and PCA'd into WORKDIR/matryoshka_kv.npz."""
+    checks.integer("--num_tokens", num_tokens, minimum=1)  # before the checkpoint is read
     config, init_checkpoint = init_from.resolve(config)
     model_fields = {key: value for key, value in config.model.items() if key not in _KV_FIELDS}
     model = registry.build(ml_collections.ConfigDict(model_fields))
