@@ -20,6 +20,7 @@ from pallas_kernels.low_rank_decode_attention import (
     low_rank_decode_attention,
     low_rank_decode_attention_pallas,
 )
+from pallas_kernels.sharding import KernelSharding
 from tools import matryoshka_pca as matryoshka_pca_tool
 
 TINY = dict(vocab_size=97, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
@@ -443,3 +444,16 @@ def test_a_kv_rank_the_gpu_kernel_cannot_take_is_refused_at_start(monkeypatch):
         validation._kernels_fit_backend(model)
     model.kv_rank = 16
     validation._kernels_fit_backend(model)
+
+
+@pytest.mark.parametrize("with_bases", [True, False], ids=["bases", "in-basis"])
+def test_kernel_sharded_over_batch_and_heads_equals_the_reference(with_bases):
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    inputs = kernel_inputs([3, 37], kv_heads=4, rank=16)
+    if not with_bases:
+        inputs.update(q_BNH=inputs["q_BNH"][..., :16], key_basis_KHR=None, value_basis_KHR=None)
+    sharding = KernelSharding(batch="data", heads="tensor", mesh=mesh)
+    o_BNH = jax.jit(lambda i: low_rank_decode_attention(**i, block_size=8, sharding=sharding))(inputs)
+    np.testing.assert_allclose(o_BNH, low_rank_decode_attention(**inputs, implementation="reference"), atol=1e-5)
+    assert o_BNH.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+        "data", "tensor")), 3)
