@@ -4,8 +4,8 @@ a trainable orthogonal basis, so the cache holds r <= head_dim numbers per head 
 Per layer and KV head there is an orthogonal U (head_dim x head_dim) and a mean for keys and for values. Keys are
 projected after RoPE (the rotation depends on the position, so a basis fixed before it would not stay fixed):
 
-  cached keys    (K - mu_k) U_k[:, :r]        queries   Q U_k[:, :r]
-  cached values  (V - mu_v) U_v[:, :r]        output    softmax(.) (that) U_v[:, :r]^T + mu_v
+  cached keys    K~ = (K - mu_k) U_k[:, :r]        queries   Q~ = Q U_k[:, :r]
+  cached values  V~ = (V - mu_v) U_v[:, :r]        output    softmax(Q~ K~^T / sqrt(head_dim)) V~ U_v[:, :r]^T + mu_v
 
 The query dropped the key mean: Q mu_k^T is the same for every key of a query, so the softmax never sees it. The
 softmax weights sum to one, so adding mu_v after the weighted sum equals adding it to every value. At r = head_dim
