@@ -14,8 +14,7 @@ import jax
 import ml_collections
 
 import evaluators
-from checkpoints import init_from
-from checkpoints.manager import Checkpoints
+from checkpoints import init_from, restore
 from configs import cli, validation
 from data import corpus, tokenizer as tokenizer_lib
 from models import registry
@@ -24,7 +23,7 @@ from parallel import distributed, mesh as mesh_lib
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluates the workdir's latest checkpoint, or the `config.init_from` checkpoint when it has none."""
-    config, init_checkpoint = init_from.resolve(config)
+    config, _ = init_from.resolve(config)
     distributed.initialize(config.distributed)
     mesh = mesh_lib.make_mesh_for_present_devices(config.mesh)
     rules = mesh_lib.axis_rules(config)
@@ -33,15 +32,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------------------------------------------------
     # Parameters: restored onto this machine's mesh, whatever mesh wrote them.
     # ---------------------------------------------------------------------------------------------------------
+    # With MatryoshkaKV, bases the checkpoint lacks come from config.model.kv_bases (checkpoints/restore.py).
     model = registry.build(config.model)
     abstract_params, param_shardings = mesh_lib.sharded_abstract_params(model, mesh, rules)
-    checkpoints = Checkpoints(workdir)
-    step = checkpoints.latest_step()
-    if step is None and init_checkpoint:
-        params = init_from.load_params(init_checkpoint, config.model, param_shardings)
-    else:
-        params = checkpoints.restore_params(abstract_params, step)
-    checkpoints.close()
+    params, step, source = restore.params(config, workdir, abstract_params, param_shardings)
 
     # ---------------------------------------------------------------------------------------------------------
     # The evaluators, in the order config.evaluate.run lists them.
@@ -49,7 +43,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sources = corpus.load_corpus(config.data)
     tokenizer = tokenizer_lib.load_or_train_tokenizer(config.data, workdir, sources["train"], config.model.vocab_size)
     context = evaluators.Context(config, workdir, model, tokenizer, sources, mesh, rules)
-    results = {"step": step, "checkpoint": config.init_from if step is None else checkpoints.directory}
+    results = {"step": step, "checkpoint": source}
     print(f"step {step} of {results['checkpoint']}")
     for name in config.evaluate.run:
         evaluator = evaluators.build(name, context)

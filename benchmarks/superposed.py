@@ -35,8 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints import init_from as init_from_lib
-from checkpoints.manager import Checkpoints
+from checkpoints import init_from as init_from_lib, restore
 from configs import lm
 from data import corpus, tokenizer as tokenizer_lib
 from evaluators.superposed import NUCLEUS
@@ -52,27 +51,22 @@ SPEEDUP_TARGET = 2.44  # the paper: at least 2.44x faster than nucleus sampling 
 GREEDY_TARGET = 1.2  # the issue: no more than 1.2x one greedy run
 
 
-def load_model(init_from: str, workdir: str):
+def load_model(init_from: str, workdir: str, model_fields: dict | None = None):
     """(config, model, params, tokenizer) of configs/lm.py:tiny with init_from resolved: the latest checkpoint of
     workdir, else the init_from checkpoint, else a random initialisation; the tokenizer is the workdir's
-    (WORKDIR/tokenizer.json, else the init_from checkpoint's), None without either."""
+    (WORKDIR/tokenizer.json, else the init_from checkpoint's), None without either. model_fields set config.model
+    fields after that (e.g. kv_rank and kv_bases: MatryoshkaKV bases the checkpoint lacks come from the file,
+    checkpoints/restore.py)."""
     config = lm.get_config("tiny")
     config.init_from = init_from
     config, _ = init_from_lib.resolve(config)
+    config.model.update(model_fields or {})
     model = registry.build(config.model)
 
     def initialise():
         return mesh_lib.strip_logical_names(model.init(jax.random.key(0), *model.example_inputs())["params"])
 
-    checkpoints = Checkpoints(workdir) if workdir else None
-    if checkpoints is not None and checkpoints.latest_step() is not None:
-        params = checkpoints.restore_params(jax.eval_shape(initialise))
-    elif init_from:
-        params = init_from_lib.load_params(init_from, config.model, shardings=None)
-    else:
-        params = initialise()
-    if checkpoints is not None:
-        checkpoints.close()
+    params, _, _ = restore.params(config, workdir, jax.eval_shape(initialise), initialise=initialise)
     tokenizer = tokenizer_lib.existing_tokenizer(config.data, workdir, config.model.vocab_size)
     return config, model, params, tokenizer
 

@@ -61,9 +61,13 @@ class Checkpoints:
         return self._manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params)))["params"]
 
+    def parameter_shapes(self, step: int) -> dict[str, tuple]:
+        """The saved parameters' '/'-joined names and shapes at `step`, read from the metadata alone."""
+        return _shapes_by_path(self._manager.item_metadata(step)["params"])
+
     def check_compatible(self, step: int, abstract_params) -> None:
         """Compares parameter names and shapes before reading any array, so a mismatch is one clear line."""
-        saved = _shapes_by_path(self._manager.item_metadata(step)["params"])
+        saved = self.parameter_shapes(step)
         wanted = _shapes_by_path(abstract_params)
         where = f"checkpoint {self.directory}/{step}"
         for name in sorted(set(saved) | set(wanted)):

@@ -73,6 +73,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         kv_rank=0,
         kv_key_ranks=(),
         kv_value_ranks=(),
+        # The bases evaluate.py and benchmarks put into parameters restored without them (a checkpoint of the
+        # uncompressed model): the file tools/matryoshka_pca.py writes, e.g. WORKDIR/matryoshka_kv.npz; "" = none.
+        kv_bases="",
     ))
 
     config.data = ml_collections.ConfigDict(dict(

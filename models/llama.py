@@ -80,6 +80,9 @@ class Config:
     kv_rank: int = 0
     kv_key_ranks: tuple = ()
     kv_value_ranks: tuple = ()
+    # The MatryoshkaKV file (tools/matryoshka_pca.py's matryoshka_kv.npz) whose bases evaluation and benchmarks put
+    # into restored parameters (checkpoints/restore.py); "" = the parameters' own. The module never reads it.
+    kv_bases: str = ""
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
@@ -116,6 +119,9 @@ class Config:
         # Normalized to tuples (hashable, as a module attribute must be): command lines may give lists.
         object.__setattr__(self, "kv_key_ranks", matryoshka_kv.checked_ranks(self, "kv_key_ranks"))
         object.__setattr__(self, "kv_value_ranks", matryoshka_kv.checked_ranks(self, "kv_value_ranks"))
+        if not isinstance(self.kv_bases, str) or (self.kv_bases and not self.kv_rank):
+            raise InputError(f"config.model.kv_bases={self.kv_bases!r} must be '' or the path of a MatryoshkaKV file "
+                             "(tools/matryoshka_pca.py's matryoshka_kv.npz) with config.model.kv_rank > 0")
 
     def kv_ranks(self, layer_index: int) -> tuple[tuple, tuple]:
         """Layer `layer_index`'s MatryoshkaKV key and value ranks per KV head ((), () for kv_rank everywhere)."""

@@ -17,6 +17,8 @@ tools/matryoshka_pca.py runs this on config.data's train split and writes WORKDI
 """
 
 import dataclasses
+import os
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +33,7 @@ _PARAMS = ("key_skew", "key_mean", "value_skew", "value_mean")
 
 def base_model(model):
     """The same model without MatryoshkaKV: the frozen model whose keys and values are measured."""
-    config = dataclasses.replace(model.config, kv_rank=0, kv_key_ranks=(), kv_value_ranks=())
+    config = dataclasses.replace(model.config, kv_rank=0, kv_key_ranks=(), kv_value_ranks=(), kv_bases="")
     return type(model)(config)
 
 
@@ -160,8 +162,38 @@ def save(path: str, subtree, stats: Moments | None = None) -> None:
         np.savez(f, **arrays)
 
 
-def load(path: str) -> dict:
-    """The parameter subtree `save` wrote (eigenvalues and counts left out)."""
+def load(path: str, expected=None, key: str = "config.model.kv_bases") -> dict:
+    """The parameter subtree `save` wrote (eigenvalues and counts left out). With `expected` (a subtree of arrays
+    or shapes, {layer_i: {attention: {matryoshka_kv: {...}}}}) the file must hold exactly its names and shapes; a
+    missing, unreadable or mismatched file is a one-line InputError naming `key` and the path."""
+    where = f"{key}={path!r}"
+    what = "a MatryoshkaKV file (tools/matryoshka_pca.py's matryoshka_kv.npz)"
+    if not os.path.isfile(path):
+        raise InputError(f"{where} is not a file; expected {what}")
+    try:
+        tree = _read(path)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise InputError(f"{where} is not {what}: {type(error).__name__}") from None
+    if expected is None:
+        return tree
+    saved = {f"{layer}/{name}": tuple(x.shape) for layer, branch in tree.items()
+             for name, x in branch["attention"][SUBTREE].items()}
+    wanted = {f"{layer}/{name}": tuple(np.shape(x)) for layer, branch in expected.items()
+              for name, x in branch["attention"][SUBTREE].items()}
+    for name in sorted(set(saved) | set(wanted)):
+        if name not in saved:
+            raise InputError(f"{where} does not match config.model: it has no {name}; expected {what} measured "
+                             "on this model")
+        if name not in wanted:
+            raise InputError(f"{where} does not match config.model: its {name} has no place in the model (a "
+                             "softmax layer's MatryoshkaKV parameters expected)")
+        if saved[name] != wanted[name]:
+            raise InputError(f"{where} does not match config.model: {name} has shape {saved[name]} in the file, "
+                             f"{wanted[name]} in the model")
+    return tree
+
+
+def _read(path: str) -> dict:
     tree = {}
     with np.load(path) as arrays:
         for name in arrays.files:

@@ -30,7 +30,7 @@ from parallel import mesh as mesh_lib
 NUM_TOKENS = flags.DEFINE_integer("num_tokens", 65_536, "Calibration tokens to measure the keys and values on.")
 _BATCH_ROWS = 8
 _ENCODE_BATCH = 1024  # documents per encode_batch call (tokenized in parallel on the Rust side)
-_KV_FIELDS = ("kv_rank", "kv_key_ranks", "kv_value_ranks")
+_KV_FIELDS = ("kv_rank", "kv_key_ranks", "kv_value_ranks", "kv_bases")
 
 
 def token_windows(documents, seq_len: int, batch_rows: int, num_tokens: int):
