@@ -29,6 +29,8 @@ import numpy as np
 
 from errors import InputError, checks
 
+RANKS = "matryoshka_ranks"  # the variable collection of traced per-head ranks (MatryoshkaKV._ranks)
+
 
 def checked_ranks(cfg, name: str) -> tuple:
     """config.model.kv_rank checked against head_dim, and config.model.<name> (kv_key_ranks or kv_value_ranks)
@@ -134,6 +136,14 @@ class MatryoshkaKV(nn.Module):
         R = self.kv_rank
         return cayley(self.key_skew)[..., :R], cayley(self.value_skew)[..., :R]
 
+    def _ranks(self, kind: str):
+        """The static per-head ranks, or [K] int32 arrays given in the RANKS collection: a forward without a cache
+        at ranks that change without recompiling (the rate search, models/matryoshka_rates.py). A cache keeps the
+        static ranks (its decode kernel masks by them), so only the static ones serve decoding."""
+        if self.has_variable(RANKS, f"{kind}_ranks"):
+            return self.get_variable(RANKS, f"{kind}_ranks")
+        return getattr(self, f"{kind}_ranks")
+
     def compress(self, q_BTNH, k_BTKH, v_BTKH):
         """(queries [B, T, N, R], keys and values [B, T, K, R]) in each head's basis, keys and values masked to
         its rank. The queries are scaled by sqrt(R / H): attention scales logits by the width it sees, R^-0.5,
@@ -141,8 +151,8 @@ class MatryoshkaKV(nn.Module):
         B, T, N, H = q_BTNH.shape
         K, R = self.num_kv_heads, self.kv_rank
         u_k_KHR, u_v_KHR = self.bases()
-        key_mask_KR = column_mask(self.key_ranks, R)
-        value_mask_KR = column_mask(self.value_ranks, R)
+        key_mask_KR = column_mask(self._ranks("key"), R)
+        value_mask_KR = column_mask(self._ranks("value"), R)
         k_BTKR = jnp.einsum("btkh,khr->btkr", k_BTKH - self.key_mean.astype(k_BTKH.dtype)[None, None],
                             u_k_KHR.astype(self.dtype))
         v_BTKR = jnp.einsum("btkh,khr->btkr", v_BTKH - self.value_mean.astype(v_BTKH.dtype)[None, None],

@@ -18,8 +18,9 @@ from checkpoints.huggingface.export import export_hf
 from checkpoints.manager import Checkpoints
 from configs import lm
 from errors import InputError
-from models import matryoshka_pca
+from models import matryoshka_kv, matryoshka_pca, matryoshka_rates
 from models.llama import Config, Model
+from tools import matryoshka_rates as matryoshka_rates_tool
 
 FIELDS = dict(vocab_size=300, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
               softmax_implementation="reference")  # 300: room for the byte-level BPE's 256 bytes
@@ -133,3 +134,123 @@ def test_missing_or_mismatched_bases_are_one_line(run, tmp_path, fields, message
     with pytest.raises(InputError) as error:
         evaluate.evaluate(eval_config(corpus_dir, **fields), workdir)
     assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+# The rate search.
+
+@functools.cache
+def lopsided_model():
+    """(model, params with PCA bases, calibration batches): KV head 1 of every layer has small keys and values, so
+    its units matter less than head 0's and a good search lowers them first."""
+    params = random_params(seed=2, scale=0.3)
+    for i in range(FIELDS["num_layers"]):
+        attention = params[f"layer_{i}"]["attention"]
+        for name in ("key_kernel", "value_kernel"):
+            attention[name] = attention[name].at[:, 1].multiply(0.05)
+    model = Model(Config(**FIELDS, kv_rank=H))
+    batches = [(jax.random.randint(jax.random.key(s), (4, 16), 0, FIELDS["vocab_size"]), np.array([16, 16, 9, 3]))
+               for s in (3, 4)]
+    stats = sum((matryoshka_pca.moments(model, params, t, n) for t, n in batches),
+                matryoshka_pca.Moments.zeros(model.config))
+    return model, matryoshka_pca.merged(params, matryoshka_pca.pca_params(stats)), batches
+
+
+def test_traced_ranks_equal_static_ones():
+    model, params, batches = lopsided_model()
+    key_ranks, value_ranks = (8, 2, 5, 1), (3, 8, 1, 6)
+    static = Model(Config(**FIELDS, kv_rank=H, kv_key_ranks=key_ranks, kv_value_ranks=value_ranks))
+    ranks = {f"layer_{i}": {"attention": {"matryoshka_kv": {"key_ranks": jnp.asarray(key_ranks[2 * i:2 * i + 2]),
+                                                            "value_ranks": jnp.asarray(value_ranks[2 * i:2 * i + 2])}}}
+             for i in range(2)}
+    tokens_BT = batches[0][0]
+    traced_BTV, _ = jax.jit(model.apply)({"params": params, matryoshka_kv.RANKS: ranks}, tokens_BT)
+    static_BTV, _ = jax.jit(static.apply)({"params": params}, tokens_BT)
+    np.testing.assert_allclose(traced_BTV, static_BTV, atol=1e-6)
+
+
+@functools.cache
+def searched(budget, step):
+    model, params, batches = lopsided_model()
+    return matryoshka_rates.search(model, params, batches, budget, step)
+
+
+def test_the_search_beats_uniform_ranks_at_the_same_budget():
+    model, params, batches = lopsided_model()
+    result = searched(0.5, 1)
+    uniform = (H // 2,) * 4
+    assert sum(result.key_ranks) + sum(result.value_ranks) == sum(uniform) * 2  # the same budget exactly
+    assert result.average == 0.5
+    uniform_error = matryoshka_rates.hidden_state_error(model, params, batches, uniform, uniform)
+    searched_error = matryoshka_rates.hidden_state_error(model, params, batches, result.key_ranks,
+                                                         result.value_ranks)
+    assert searched_error == pytest.approx(result.error, rel=1e-5)
+    assert searched_error < 0.5 * uniform_error, (searched_error, uniform_error)
+    # Head 1 (the small one) gives up more rank than head 0 in every layer.
+    for ranks in (result.key_ranks, result.value_ranks):
+        assert ranks[1] < ranks[0] and ranks[3] < ranks[2]
+    full = matryoshka_rates.hidden_state_error(model, params, batches, (H,) * 4, (H,) * 4)
+    assert full < 1e-9
+
+
+def test_the_search_is_deterministic_and_meets_the_budget_at_the_step():
+    model, params, batches = lopsided_model()
+    first = matryoshka_rates.search(model, params, batches, 0.4, 2)
+    assert first == searched(0.4, 2)
+    units, total = 8, sum(first.key_ranks) + sum(first.value_ranks)
+    assert total == 24  # the first multiple of the step at or under 0.4 * 8 units * 8
+    assert 0.4 - 2 / (units * H) < first.average <= 0.4
+    assert all(r % 2 == 0 and 2 <= r <= H for r in first.key_ranks + first.value_ranks)
+    assert len(first.rounds) == (units * H - total) // 2
+    assert first.kv_rank == max(first.key_ranks + first.value_ranks)
+    Config(**FIELDS, **first.model_fields())  # the model config takes them
+
+
+def test_the_tool_writes_ranks_that_evaluation_and_benchmarks_read(run, tmp_path):
+    corpus_dir, workdir, bases, _ = run
+    config = eval_config(corpus_dir, kv_bases=bases)
+    info = matryoshka_rates_tool.build(config, workdir, budget=0.75, step=2, num_tokens=96)
+    assert info["path"] == os.path.join(workdir, "matryoshka_rates.json")
+    fields = matryoshka_rates.load(info["path"])
+    assert fields == info["result"].model_fields() and info["result"].average == 0.75
+    results = evaluate.evaluate(eval_config(corpus_dir, kv_bases=bases, **fields), workdir)
+    assert np.isfinite(results["validation"]["loss"])
+    _, model, _, _ = superposed_benchmark.load_model("", workdir, dict(FIELDS, kv_bases=bases, **fields))
+    assert model.config.kv_key_ranks == fields["kv_key_ranks"]
+
+
+@pytest.mark.parametrize("budget, step, message", [
+    (0.0, 1, "--budget=0.0 must be a number in (0, 1]"),
+    (1.5, 1, "--budget=1.5 must be a number in (0, 1]"),
+    (float("nan"), 1, "--budget=nan must be a number in (0, 1]"),
+    (0.5, 3, "--rank_step=3 must be a positive integer dividing config.model.head_dim=8"),
+    (0.5, 0, "--rank_step=0 must be a positive integer dividing"),
+    (0.2, 4, "--budget=0.2 is below --rank_step / config.model.head_dim = 4/8"),
+])
+def test_bad_budget_or_step_is_one_line(budget, step, message):
+    model, params, batches = lopsided_model()
+    with pytest.raises(InputError) as error:
+        matryoshka_rates.search(model, params, batches, budget, step)
+    assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_no_calibration_text_or_no_bases_is_one_line(run, tmp_path):
+    model, params, batches = lopsided_model()
+    with pytest.raises(InputError, match="calibration batches held 0 tokens") as error:
+        matryoshka_rates.search(model, params, [(batches[0][0], np.zeros(4, np.int32))], 0.5, 1)
+    assert "\n" not in str(error.value)
+    with pytest.raises(InputError, match="the parameters have no MatryoshkaKV bases"):
+        matryoshka_rates.search(model, matryoshka_pca.base_params(params), batches, 0.5, 1)
+    corpus_dir, workdir, bases, _ = run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.py").write_text("")
+    with pytest.raises(InputError) as error:
+        matryoshka_rates_tool.build(eval_config(empty, kv_bases=bases), workdir, 0.5, 0, 64)
+    assert f"config.data.corpus={str(empty)!r}" in str(error.value) and "\n" not in str(error.value)
+    for text, message in (("{", "is not a rate-search result"), (None, "is not a file")):
+        path = tmp_path / "rates.json"
+        if text is not None:
+            path.write_text(text)
+        with pytest.raises(InputError, match=message) as error:
+            matryoshka_rates.load(str(path if text else tmp_path / "missing.json"))
+        assert "\n" not in str(error.value)

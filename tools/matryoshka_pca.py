@@ -63,13 +63,14 @@ def _batch(rows, seq_len, batch_rows):
     return tokens_BT, lengths_B
 
 
-def calibrate(config, workdir: str, model, params, num_tokens: int, mesh=None, rules=()) -> dict:
-    """Measures `model` (uncompressed) with `params` on config.data's train split and writes the file."""
+def calibration_batches(config, workdir: str, num_tokens: int, what: str = "MatryoshkaKV PCA"):
+    """token_windows of config.data's train split, tokenized as the training pipeline does (the workdir's
+    tokenizer, trained there if missing); an empty split is a one-line InputError saying `what` needs text."""
     checks.integer("--num_tokens", num_tokens, minimum=1)
     source = corpus.load_corpus(config.data)["train"]
     where = f"config.data.corpus={config.data.corpus!r}"
     if len(source) == 0:
-        raise InputError(f"{where}: the train split has 0 documents; MatryoshkaKV PCA needs calibration text "
+        raise InputError(f"{where}: the train split has 0 documents; {what} needs calibration text "
                          "(a corpus with at least one non-empty document)")
     tokenizer = tokenizer_lib.load_or_train_tokenizer(config.data, workdir, source, config.model.vocab_size)
     eos = tokenizer_lib.eos_id(tokenizer)
@@ -81,9 +82,15 @@ def calibrate(config, workdir: str, model, params, num_tokens: int, mesh=None, r
             for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
                 yield encoding.ids + [eos]
 
+    return token_windows(documents(), config.data.seq_len, _BATCH_ROWS, num_tokens)
+
+
+def calibrate(config, workdir: str, model, params, num_tokens: int, mesh=None, rules=()) -> dict:
+    """Measures `model` (uncompressed) with `params` on config.data's train split and writes the file."""
+    batches = calibration_batches(config, workdir, num_tokens)
     stats = matryoshka_pca.Moments.zeros(model.config)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(), nn.logical_axis_rules(rules):
-        for tokens_BT, lengths_B in token_windows(documents(), config.data.seq_len, _BATCH_ROWS, num_tokens):
+        for tokens_BT, lengths_B in batches:
             stats = stats + matryoshka_pca.moments(model, params, tokens_BT, lengths_B)
     subtree = matryoshka_pca.pca_params(stats)  # one line if no token was measured
     path = os.path.join(workdir, "matryoshka_kv.npz")
