@@ -17,7 +17,7 @@ Presets, selected as FILE:PRESET; every value is overridable, e.g. `--config.mod
              python train.py --config=configs/lm.py:pod --workdir=gs://BUCKET/lm_pod   (gcloud line in the README)
   The results of small, gpu_1b and pod are not measured yet: no accelerator run of them has been made.
 
-Restore order: the workdir's own latest checkpoint, else `init_from` (a Hugging Face directory), else scratch.
+Restore order: the workdir's own latest checkpoint, else `init_from` (hf:, gguf: or workdir:), else scratch.
 """
 
 import dataclasses
@@ -35,7 +35,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown preset {preset!r} for configs/lm.py; choose one of {', '.join(PRESETS)}")
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.init_from = ""  # "" or "hf:PATH" to start from a Hugging Face checkpoint directory.
+    config.init_from = ""  # "", "hf:DIR", "gguf:FILE" or "workdir:DIR" (checkpoints/init_from.py)
 
     config.model = ml_collections.ConfigDict(dict(
         name="llama",  # a module in models/ (models.registry looks it up)
