@@ -88,7 +88,10 @@ class Model(llama.Model):
         return 2 * super().flops_per_token(seq_len)
 
     def loss(self, params, batch: dict, rng=None) -> tuple[jax.Array, dict]:
-        """The CLLM loss on a batch of data/jacobi_trajectories.py; rng draws each row's state."""
+        """The CLLM loss on a batch of data/jacobi_trajectories.py (rng draws each row's state); on a text batch
+        (the validation split's, evaluators/validation.py), the language model's next-token loss."""
+        if "states" not in batch:
+            return super().loss(params, batch, rng)
         cfg = self.config
         tokens_BL = batch["tokens"]
         B = tokens_BL.shape[0]

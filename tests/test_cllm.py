@@ -3,6 +3,7 @@ data/jacobi_trajectories.py): the losses against a numpy transcription of the re
 trajectories that are Jacobi iterations ending at greedy decoding, the tool resumed, a five-step run interrupted and
 resumed equal to the uninterrupted one, and one-line errors."""
 
+import dataclasses
 import json
 import os
 
@@ -138,6 +139,12 @@ def test_model_loss_is_the_reference_losses_of_its_own_logits():
     np.testing.assert_allclose(metrics["consistency_loss"], consistency, rtol=1e-4)
     np.testing.assert_allclose(metrics["ar_loss"], ar, rtol=1e-4)
     np.testing.assert_allclose(loss, consistency + 10 * ar, rtol=1e-4)
+
+    # On a text batch (the validation split's) it is the language model's loss.
+    text = {"tokens": jnp.asarray(batch["tokens"])}
+    llama_model = llama.Model(llama.Config(**{f.name: getattr(model.config, f.name)
+                                              for f in dataclasses.fields(llama.Config)}))
+    np.testing.assert_allclose(model.loss(params, text)[0], llama_model.loss(params, text)[0], rtol=1e-6)
 
 
 def _section(**overrides):
