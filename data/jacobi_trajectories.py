@@ -25,6 +25,7 @@ import os
 
 import grain
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 
 from data.pipeline import local_batch_size
 from errors import InputError
@@ -53,8 +54,6 @@ def decode(record: bytes) -> dict:
 
 def write_shard(directory: str, index: int, records: list[bytes]) -> str:
     """Writes one shard under a temporary name and renames it into place; returns its path."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     path = os.path.join(directory, SHARD_PATTERN.format(index))
     writer = ArrayRecordWriter(path + ".tmp", "group_size:1")
     for record in records:
@@ -102,11 +101,12 @@ class _Layout(grain.transforms.Map):
 def check(data_config) -> dict:
     """config.data.trajectories's info, once it is known to fit config.data.seq_len."""
     directory = data_config.trajectories
-    window = info(directory)["window"]
-    if window + 1 > data_config.seq_len:
-        raise InputError(f"config.data.seq_len={data_config.seq_len} must exceed the trajectories' window {window} "
-                         f"(config.data.trajectories={directory!r}): a row holds context and window")
-    return info(directory)
+    dataset = info(directory)
+    if dataset["window"] + 1 > data_config.seq_len:
+        raise InputError(f"config.data.seq_len={data_config.seq_len} must exceed the trajectories' window "
+                         f"{dataset['window']} (config.data.trajectories={directory!r}): a row holds context and"
+                         " window")
+    return dataset
 
 
 def train_iterator(data_config, *, seed: int, process_index: int, process_count: int) -> grain.DatasetIterator:
