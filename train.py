@@ -19,7 +19,7 @@ import optax
 import tqdm
 
 import evaluators
-from checkpoints import init_from
+from checkpoints import init_from, restore
 from checkpoints.manager import Checkpoints
 from checkpoints.preemption import PreemptionWatch
 from configs import cli, validation
@@ -115,7 +115,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
             state = checkpoints.restore(start_step, abstract_state, data_iterator)
         elif init_checkpoint:
             start_step = 0
-            params = init_from.load_params(init_checkpoint, config.model, state_shardings["params"])
+            # config.init_from's parameters; with MatryoshkaKV, bases it lacks from config.model.kv_bases.
+            params, _, _ = restore.params(config, "", abstract_state["params"], state_shardings["params"])
             state = {"step": jnp.zeros((), jnp.int32), "params": params,
                      "opt_state": jax.jit(optimizer.init, out_shardings=state_shardings["opt_state"])(params)}
         else:

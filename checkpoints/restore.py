@@ -10,13 +10,16 @@ A checkpoint that has the subtree keeps its own bases unless config.model.kv_bas
 them. kv_rank > 0 with no bases anywhere is a one-line InputError.
 """
 
+import dataclasses
+import importlib
+
 import jax
 import ml_collections
 
 from checkpoints import init_from
 from checkpoints.manager import Checkpoints
 from errors import InputError
-from models import matryoshka_pca
+from models import matryoshka_pca, registry
 
 SUBTREE = matryoshka_pca.SUBTREE
 _KV_DEFAULTS = dict(kv_rank=0, kv_key_ranks=(), kv_value_ranks=(), kv_bases="")
@@ -24,8 +27,16 @@ _KV_DEFAULTS = dict(kv_rank=0, kv_key_ranks=(), kv_value_ranks=(), kv_bases="")
 
 def uncompressed_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """config.model without MatryoshkaKV (the fields it has among kv_rank, kv_key_ranks, kv_value_ranks,
-    kv_bases reset): the model whose checkpoints carry no bases."""
+    kv_bases reset): the model whose checkpoints carry no bases. A family with another's parameters
+    (models/registry.py PARAMETERS, e.g. models/matryoshka_distill.py, which needs kv_rank > 0) becomes that
+    family, keeping only the fields its Config has."""
     model_config = ml_collections.ConfigDict(model_config.to_dict())
+    family = registry.parameters_of(model_config.name)
+    if family != model_config.name:
+        known = {field.name for field in dataclasses.fields(importlib.import_module(f"models.{family}").Config)}
+        model_config = ml_collections.ConfigDict({key: value for key, value in model_config.items()
+                                                  if key in known or key == "name"})
+        model_config.name = family
     for key, value in _KV_DEFAULTS.items():
         if key in model_config:
             model_config[key] = value

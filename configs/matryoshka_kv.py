@@ -1,0 +1,56 @@
+"""MatryoshkaKV training (models/matryoshka_distill.py): the key and value bases of models/matryoshka_kv.py trained
+from their PCA initialisation by distillation from the uncompressed model, with the base model frozen. Three steps:
+PCA bases of the base model, the training run, evaluation at a lower rank.
+
+  tiny     the base is configs/lm.py:tiny trained by `python train.py --config=configs/lm.py:tiny
+           --workdir=workdirs/tiny`:
+             python tools/matryoshka_pca.py --config=configs/lm.py:tiny --workdir=workdirs/tiny --num_tokens=16384
+             python train.py --config=configs/matryoshka_kv.py:tiny --workdir=workdirs/matryoshka_tiny
+             python evaluate.py --config=configs/matryoshka_kv.py:tiny --workdir=workdirs/matryoshka_tiny \
+                 --config.model.kv_rank=16 --config.model.kv_bases='' --config.evaluate.run='("validation",)'
+  smollm2  SmolLM2-135M-Instruct from its GGUF file (configs/smollm2.py; head_dim 64):
+             python tools/matryoshka_pca.py --config=configs/smollm2.py --workdir=workdirs/smollm2 --num_tokens=16384
+             python train.py --config=configs/matryoshka_kv.py:smollm2 --workdir=workdirs/matryoshka_smollm2
+             python evaluate.py --config=configs/matryoshka_kv.py:smollm2 --workdir=workdirs/matryoshka_smollm2 \
+                 --config.model.kv_rank=32 --config.model.kv_bases='' --config.evaluate.run='("validation",)'
+  The evaluation's kv_bases='' keeps the trained bases of the workdir's checkpoint (a kv_bases file would replace
+  them, checkpoints/restore.py); without it, or with --config.model.kv_bases=workdirs/tiny/matryoshka_kv.npz and
+  the same checkpoint, it measures the PCA bases. Its validation metrics are the distillation loss, kl and the
+  next-token loss of the model compressed to kv_rank. Results not measured yet.
+
+train.py starts from config.init_from (the base checkpoint) and takes the matryoshka_kv subtree it lacks from
+config.model.kv_bases. kv_rank = head_dim: each step draws every (layer, KV head, key or value) unit's rank uniformly
+from {H/4, H/2, 3H/4, H} (config.model.rank_step, default head_dim / 4). The loss is the reference's: 0.25 KL(teacher
+|| student) at temperature 1 + 0.75 next-token cross-entropy. Only the bases and means get gradients (every other
+parameter is under stop_gradient), and weight_decay is 0, so AdamW leaves the base model's weights bit-identical;
+a weight_decay > 0 would decay them. The learning rate is the reference's projection learning rate, 1e-3 (AdamW,
+cosine, warmup, clipping at 1.0).
+"""
+
+from configs import lm, smollm2
+
+PRESETS = ("tiny", "smollm2")
+HEAD_DIMS = {"tiny": 32, "smollm2": 64}  # the base checkpoints' head_dim (init_from sets the architecture)
+
+
+def get_config(preset: str = "tiny"):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for configs/matryoshka_kv.py; choose one of {', '.join(PRESETS)}")
+    config = smollm2.get_config() if preset == "smollm2" else lm.get_config("tiny")
+    if preset == "tiny":
+        config.init_from = "workdir:workdirs/tiny"
+    config.model.update(name="matryoshka_distill", kv_rank=HEAD_DIMS[preset],
+                        kv_bases=f"workdirs/{preset}/matryoshka_kv.npz")
+    config.model.kl_weight = 0.25
+    config.model.ce_weight = 0.75
+    config.model.temperature = 1.0
+    config.model.rank_step = 0  # 0 = head_dim // 4
+    config.data.update(seq_len=128, global_batch_size=16)
+    config.optimizer.update(learning_rate=1e-3, warmup_steps=20, weight_decay=0.0, grad_clip_norm=1.0)
+    config.train.update(num_steps=500, log_every=25, checkpoint_every=100, evaluate_every=100)
+    config.train.evaluators = ("validation",)
+    config.evaluate.run = ("validation",)
+    if preset == "smollm2":
+        config.data.update(global_batch_size=8)
+        config.train.update(num_steps=200, log_every=10, checkpoint_every=50, evaluate_every=0)
+    return config
