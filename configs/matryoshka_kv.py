@@ -6,17 +6,18 @@ PCA bases of the base model, the training run, evaluation at a lower rank.
            --workdir=workdirs/tiny`:
              python tools/matryoshka_pca.py --config=configs/lm.py:tiny --workdir=workdirs/tiny --num_tokens=16384
              python train.py --config=configs/matryoshka_kv.py:tiny --workdir=workdirs/matryoshka_tiny
-             python evaluate.py --config=configs/matryoshka_kv.py:tiny --workdir=workdirs/matryoshka_tiny \
-                 --config.model.kv_rank=16 --config.model.kv_bases='' --config.evaluate.run='("validation",)'
+             python evaluate.py --config=configs/lm.py:tiny --workdir=workdirs/matryoshka_tiny \
+                 --config.model.kv_rank=16 --config.evaluate.run='("validation",)'
   smollm2  SmolLM2-135M-Instruct from its GGUF file (configs/smollm2.py; head_dim 64):
              python tools/matryoshka_pca.py --config=configs/smollm2.py --workdir=workdirs/smollm2 --num_tokens=16384
              python train.py --config=configs/matryoshka_kv.py:smollm2 --workdir=workdirs/matryoshka_smollm2
-             python evaluate.py --config=configs/matryoshka_kv.py:smollm2 --workdir=workdirs/matryoshka_smollm2 \
-                 --config.model.kv_rank=32 --config.model.kv_bases='' --config.evaluate.run='("validation",)'
-  The evaluation's kv_bases='' keeps the trained bases of the workdir's checkpoint (a kv_bases file would replace
-  them, checkpoints/restore.py); without it, or with --config.model.kv_bases=workdirs/tiny/matryoshka_kv.npz and
-  the same checkpoint, it measures the PCA bases. Its validation metrics are the distillation loss, kl and the
-  next-token loss of the model compressed to kv_rank. Results not measured yet.
+             python evaluate.py --config=configs/smollm2.py --workdir=workdirs/matryoshka_smollm2 \
+                 --config.model.kv_rank=32 --config.evaluate.run='("validation",)'
+  The evaluation runs the plain Llama family (the checkpoint's parameters are Llama's with the trained bases, and no
+  kv_bases file replaces them, checkpoints/restore.py): its validation loss is the next-token loss of the model
+  compressed to kv_rank. Adding --config.model.kv_bases=workdirs/tiny/matryoshka_kv.npz with the base workdir
+  (--workdir=workdirs/tiny) measures the PCA bases at the same rank. Under this config (configs/matryoshka_kv.py)
+  evaluate.py's validation loss is the distillation loss, 0.25 KL + 0.75 CE. Results not measured yet.
 
 train.py starts from config.init_from (the base checkpoint) and takes the matryoshka_kv subtree it lacks from
 config.model.kv_bases. kv_rank = head_dim: each step draws every (layer, KV head, key or value) unit's rank uniformly

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import tokenizers
 from test_matryoshka_kv import TINY, base_params, tokens, with_random_bases
+from test_matryoshka_rates import H as MKV_H, eval_config as mkv_eval_config, run  # noqa: F401  (run: a fixture)
 from test_train import data_dir, small_config  # noqa: F401  (data_dir is a fixture)
 
+import evaluate
 import train
 from checkpoints import init_from, restore
+from checkpoints.huggingface.export import export_hf
 from configs import matryoshka_kv as matryoshka_config
 from data import corpus, pipeline
 from errors import InputError
@@ -161,3 +164,18 @@ def test_training_from_a_llama_workdir_moves_only_the_bases_and_lowers_the_kl(da
     loss_fn = jax.jit(reduced.loss)
     kl_before, kl_after = (float(loss_fn(p, batch)[1]["kl"]) for p in (before, trained))
     assert kl_after < kl_before, (kl_before, kl_after)
+
+
+def test_evaluation_from_a_hugging_face_checkpoint_and_the_bases_file(run, tmp_path):  # noqa: F811
+    """hf: loads into this family as the uncompressed Llama (checkpoints/restore.py), the bases come from the file,
+    and the validation evaluator (rng None) scores the configured ranks: at full rank the KL is 0, so the loss is
+    ce_weight times the base model's next-token loss."""
+    corpus_dir, workdir, bases, params = run
+    base = evaluate.evaluate(mkv_eval_config(corpus_dir), workdir)["validation"]["loss"]  # writes the tokenizer
+    source = export_hf(params, mkv_eval_config(corpus_dir).model, os.path.join(workdir, "tokenizer.json"),
+                       str(tmp_path / "hf"))
+    config = mkv_eval_config(corpus_dir, name="matryoshka_distill", kv_rank=MKV_H, kv_bases=bases, kl_weight=0.25,
+                             ce_weight=0.75)
+    config.init_from = f"hf:{source}"
+    results = evaluate.evaluate(config, str(tmp_path / "eval"))
+    assert results["validation"]["loss"] == pytest.approx(0.75 * base, rel=1e-4)

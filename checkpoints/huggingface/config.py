@@ -12,9 +12,11 @@ from models import llama
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM"}
-# Fields that only choose how the model runs, not what a checkpoint holds.
+# Fields that only choose how the model runs, not what a checkpoint holds (MatryoshkaKV's compression among them:
+# a Hugging Face checkpoint holds the uncompressed model, and init_from must not reset kv_rank or kv_bases).
 RUNTIME_FIELDS = ("name", "softmax_implementation", "lightning_implementation", "lightning_decode_implementation",
-                  "lightning_block_size", "dtype", "remat", "max_seq_len")
+                  "lightning_block_size", "dtype", "remat", "max_seq_len", "kv_rank", "kv_key_ranks", "kv_value_ranks",
+                  "kv_bases")
 
 
 def read_json(file: str) -> dict:
