@@ -128,8 +128,9 @@ def test_every_preset_validates_builds_and_lowers_a_train_step(file, preset, tmp
         os.makedirs(config.data.trajectories)
         jacobi_trajectories.write_shard(config.data.trajectories, 0, [])
         (tmp_path / "trajectories" / jacobi_trajectories.INFO_FILE).write_text(json.dumps({"window": W}))
-        config.init_from = "" if config.init_from.startswith("workdir:") else config.init_from
         shapes.update(states=(B, W, W), num_states=(B,), window_start=(B,), valid=(B,))
+    # A workdir: base checkpoint (CLLM's, MatryoshkaKV training's) comes from an earlier run.
+    config.init_from = "" if config.init_from.startswith("workdir:") else config.init_from
     config, _ = init_from.resolve(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = mesh_lib.axis_rules(config)
