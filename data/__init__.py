@@ -1,1 +1,1 @@
-"""Text corpora (TFDS, no TensorFlow), the BPE tokenizer and grain input pipelines."""
+"""Text corpora and the shapes world (TFDS, no TensorFlow), the BPE tokenizer and grain input pipelines."""
