@@ -124,14 +124,19 @@ class Attention(nn.Module):
             slots_BT = positions_BT if tree_mask_TN is None else token_tree.write_slots(positions_BT, tree_mask_TN)
             cache = cache.write(k_BTKH, v_BTKH, slots_BT)
             out_BTNH = cache.attend(q_BTNH, positions_BT, self.implementation, tree_mask_TN, slots_BT)
-        if self.kv_rank:
+        # MatryoshkaKV's decode form has U_v^T and mu_v folded into the output projection (matryoshka_kv.py).
+        folded = self.kv_rank and matryoshka.is_decode_form()
+        if self.kv_rank and not folded:
             out_BTNH = matryoshka.expand(out_BTNH)
 
         out_kernel_NHD = self.param("out_kernel", nn.with_logical_partitioning(
             dense_init(self.out_init_scale, in_axis=(0, 1), out_axis=2), ("heads", "kv", "embed")),
-            (self.num_heads, self.head_dim, D), jnp.float32)
+            (self.num_heads, out_BTNH.shape[-1], D), jnp.float32)
         # Heads merged first: as a two-axis contraction XLA:CPU transposes the kernel on every call.
         B, T = out_BTNH.shape[:2]
-        out_kernel_FD = out_kernel_NHD.reshape(self.num_heads * self.head_dim, D).astype(self.dtype)
+        out_kernel_FD = out_kernel_NHD.reshape(-1, D).astype(self.dtype)
         out_BTD = jnp.einsum("btf,fd->btd", out_BTNH.reshape(B, T, -1), out_kernel_FD)
+        if folded:
+            out_BTD = out_BTD + self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                                           (D,), jnp.float32).astype(self.dtype)[None, None]
         return out_BTD, cache

@@ -247,6 +247,25 @@ class Model(nn.Module):
 
     batch_format = "text"  # loss reads packed windows of the corpus (data/pipeline.py)
 
+    def decode_params(self, params):
+        """The parameters in the form decoding runs fastest with (the engine calls this once): MatryoshkaKV's
+        decode form (fixed bases, U_v^T folded into the output projections), else `params` unchanged."""
+        if not self.config.kv_rank:
+            return params
+        params = dict(params)
+        for i in range(self.config.num_layers):
+            attention = params[f"layer_{i}"].get("attention", {})
+            if matryoshka_kv.SUBTREE not in attention or "key_skew" not in attention[matryoshka_kv.SUBTREE]:
+                continue
+            key_ranks, value_ranks = self.config.kv_ranks(i)
+            every = (self.config.kv_rank,) * self.config.num_kv_heads
+            subtree, projection = matryoshka_kv.decode_form(attention[matryoshka_kv.SUBTREE], attention["out_kernel"],
+                                                            key_ranks or every, value_ranks or every,
+                                                            self.config.kv_rank)
+            params[f"layer_{i}"] = {**params[f"layer_{i}"],
+                                    "attention": {**attention, matryoshka_kv.SUBTREE: subtree, **projection}}
+        return params
+
     def example_inputs(self, batch_size: int = 1, seq_len: int = 1) -> tuple:
         """Arguments of `init` (and of eval_shape or lowering a forward) at the given size."""
         return (jnp.zeros((batch_size, seq_len), jnp.int32),)

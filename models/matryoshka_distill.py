@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from errors import InputError, checks
-from models import llama, matryoshka_pca
+from models import llama, matryoshka_kv, matryoshka_pca
 from models.matryoshka_kv import RANKS
 
 PARAMETERS = "llama"
@@ -83,9 +83,7 @@ def sample_ranks(config: Config, rng) -> dict:
     schedule = jnp.asarray(config.rank_schedule, jnp.int32)
     layers = [i for i in range(config.num_layers) if config.mixer(i) == "softmax"]
     draws_L2K = jax.random.randint(rng, (len(layers), 2, config.num_kv_heads), 0, len(schedule))
-    return {f"layer_{i}": {"attention": {SUBTREE: {"key_ranks": schedule[draws_L2K[j, 0]],
-                                                   "value_ranks": schedule[draws_L2K[j, 1]]}}}
-            for j, i in enumerate(layers)}
+    return matryoshka_kv.ranks_collection(layers, schedule[draws_L2K[:, 0]], schedule[draws_L2K[:, 1]])
 
 
 def kl_divergence(teacher_logits_BTV, student_logits_BTV, temperature: float = 1.0):

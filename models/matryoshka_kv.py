@@ -21,14 +21,21 @@ Parameters (the `matryoshka_kv` subtree of a softmax attention layer, present on
 so checkpoints and the Hugging Face and GGUF loaders of uncompressed models are untouched):
   key_skew, value_skew   [kv_heads, head_dim, head_dim]  X of the Cayley map
   key_mean, value_mean   [kv_heads, head_dim]            mu
+
+Decoding runs the decode form instead (decode_form, once per set of parameters: the decode engine's place_params):
+key_basis and value_basis [kv_heads, head_dim, kv_rank], the Cayley map evaluated and each head's columns past its
+rank zeroed, so no step of the decode loop solves a linear system; and U_v^T and mu_v folded into the attention's
+output projection (out_kernel [num_heads, kv_rank, embed], out_bias [embed]), so `expand` disappears.
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from errors import InputError, checks
 
+SUBTREE = "matryoshka_kv"  # the parameter subtree of each softmax attention layer
 RANKS = "matryoshka_ranks"  # the variable collection of traced per-head ranks (MatryoshkaKV._ranks)
 
 
@@ -56,7 +63,23 @@ def cayley(x_KHH):
     x_KHH = x_KHH.astype(jnp.float32)
     a_KHH = x_KHH - jnp.swapaxes(x_KHH, -1, -2)
     eye_KHH = jnp.broadcast_to(jnp.eye(x_KHH.shape[-1], dtype=jnp.float32), a_KHH.shape)
-    return jnp.linalg.solve(eye_KHH - 0.5 * a_KHH, eye_KHH + 0.5 * a_KHH)
+    return _solve_without_pivoting(eye_KHH - 0.5 * a_KHH, eye_KHH + 0.5 * a_KHH)
+
+
+def _solve_without_pivoting(m_KHH, b_KHH):
+    """m^-1 b by Gauss-Jordan elimination in plain jnp, for m whose symmetric part is positive definite, as
+    I - A/2 with A skew-symmetric (its symmetric part is I): every pivot is then positive and elimination needs no
+    row exchanges. Not jnp.linalg.solve: XLA:CPU runs the layers' batched LAPACK getrf calls concurrently, and each
+    waits for the same intra-op thread pool, which deadlocks a 2-core machine mid-training (jaxlib 0.10)."""
+    H = m_KHH.shape[-1]
+
+    def eliminate(i, augmented_KHW):
+        pivot_row_KW = augmented_KHW[..., i, :] / augmented_KHW[..., i, i][..., None]
+        augmented_KHW = augmented_KHW - augmented_KHW[..., :, i][..., :, None] * pivot_row_KW[..., None, :]
+        return augmented_KHW.at[..., i, :].set(pivot_row_KW)
+
+    augmented_KHW = jax.lax.fori_loop(0, H, eliminate, jnp.concatenate([m_KHH, b_KHH], axis=-1))
+    return augmented_KHW[..., H:]
 
 
 def inverse_cayley(u_KHH) -> np.ndarray:
@@ -107,6 +130,13 @@ def column_mask(ranks_K, width: int):
     return jnp.arange(width)[None, :] < jnp.asarray(ranks_K)[:, None]
 
 
+def ranks_collection(layers, key_ranks_LK, value_ranks_LK) -> dict:
+    """The RANKS collection giving softmax layers `layers` (their indices) the key and value ranks [L, K] (int32,
+    may be traced) in place of their static ones."""
+    return {f"layer_{i}": {"attention": {SUBTREE: {"key_ranks": key_ranks_LK[j], "value_ranks": value_ranks_LK[j]}}}
+            for j, i in enumerate(layers)}
+
+
 class MatryoshkaKV(nn.Module):
     """One attention layer's key and value bases: `compress` maps post-RoPE q, k, v to kv_rank columns, `expand`
     maps attention's output back to head_dim. Attention between the two is unchanged (models/attention.py)."""
@@ -119,20 +149,30 @@ class MatryoshkaKV(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
-        K, H = self.num_kv_heads, self.head_dim
+        K, H, R = self.num_kv_heads, self.head_dim, self.kv_rank
 
         def param(name, init, shape, axes):
             return self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
-        # Zeros: U = I and mu = 0, the uncompressed layer at kv_rank = head_dim. The basis's column axis has no
-        # logical name: the same name twice in one parameter cannot be sharded.
-        self.key_skew = param("key_skew", nn.initializers.zeros, (K, H, H), ("kv_heads", "kv", None))
         self.key_mean = param("key_mean", nn.initializers.zeros, (K, H), ("kv_heads", "kv"))
-        self.value_skew = param("value_skew", nn.initializers.zeros, (K, H, H), ("kv_heads", "kv", None))
         self.value_mean = param("value_mean", nn.initializers.zeros, (K, H), ("kv_heads", "kv"))
+        # The basis's column axis has no logical name: the same name twice in one parameter cannot be sharded.
+        if self.is_decode_form():
+            self.key_basis = param("key_basis", nn.initializers.zeros, (K, H, R), ("kv_heads", "kv", None))
+            self.value_basis = param("value_basis", nn.initializers.zeros, (K, H, R), ("kv_heads", "kv", None))
+        else:  # zeros: U = I and mu = 0, the uncompressed layer at kv_rank = head_dim
+            self.key_skew = param("key_skew", nn.initializers.zeros, (K, H, H), ("kv_heads", "kv", None))
+            self.value_skew = param("value_skew", nn.initializers.zeros, (K, H, H), ("kv_heads", "kv", None))
+
+    def is_decode_form(self) -> bool:
+        """Whether the parameters are decode_form's (fixed bases) rather than the trainable skew matrices."""
+        return self.has_variable("params", "key_basis")
 
     def bases(self):
-        """U_k[:, :kv_rank] and U_v[:, :kv_rank], [K, H, R] float32, with the columns past each head's rank."""
+        """U_k[:, :kv_rank] and U_v[:, :kv_rank], [K, H, R] float32 (the columns past each head's rank are zero in
+        the decode form and masked by `compress` in both)."""
+        if self.is_decode_form():
+            return self.key_basis, self.value_basis
         R = self.kv_rank
         return cayley(self.key_skew)[..., :R], cayley(self.value_skew)[..., :R]
 
@@ -165,8 +205,8 @@ class MatryoshkaKV(nn.Module):
         return q_BTKGR.reshape(B, T, N, R).astype(q_BTNH.dtype), k_BTKR, v_BTKR
 
     def expand(self, o_BTNR):
-        """Attention's output per query head back in head_dim coordinates: o U_v[:, :R]^T + mu_v. (Folding U_v^T
-        and mu_v into the output projection, fold_output_projection, saves this matmul when weights are fixed.)"""
+        """Attention's output per query head back in head_dim coordinates: o U_v[:, :R]^T + mu_v (the training
+        form; the decode form has it folded into the output projection)."""
         B, T, N, R = o_BTNR.shape
         K, H = self.num_kv_heads, self.head_dim
         _, u_v_KHR = self.bases()
@@ -176,14 +216,18 @@ class MatryoshkaKV(nn.Module):
         return o_BTKGH.reshape(B, T, N, H).astype(o_BTNR.dtype)
 
 
-def fold_output_projection(out_kernel_NHD, value_skew_KHH, value_mean_KH, kv_rank: int):
-    """The output projection [N, R, D] and bias [D] that take attention's R-column output straight to the model
-    width: W'_n = U_v[:, :R]^T W_n and b = sum_n mu_v W_n, for query head n of KV head n // (N / K). For inference
-    with fixed weights (the per-head rank masks already zeroed the columns past each rank in the values)."""
+def decode_form(subtree: dict, out_kernel_NHD, key_ranks, value_ranks, kv_rank: int) -> tuple[dict, dict]:
+    """One layer's training-form MatryoshkaKV parameters (key_skew, value_skew, key_mean, value_mean) and output
+    projection [N, H, D] -> (the decode form's subtree, {out_kernel [N, R, D], out_bias [D]}): U[:, :R] with each
+    head's columns past its rank zeroed, and W'_n = U_v[:, :R]^T W_n, b = sum_n mu_v W_n for query head n of KV head
+    n // (N / K) (attention's output is o W' + b = (o U_v^T + mu_v) W)."""
     N, H, D = out_kernel_NHD.shape
-    K = value_skew_KHH.shape[0]
-    u_v_KHR = cayley(value_skew_KHH)[..., :kv_rank]
-    kernel_KGHD = out_kernel_NHD.reshape(K, N // K, H, D)
-    folded_NRD = jnp.einsum("khr,kghd->kgrd", u_v_KHR, kernel_KGHD).reshape(N, kv_rank, D)
-    bias_D = jnp.einsum("kh,kghd->d", value_mean_KH, kernel_KGHD)
-    return folded_NRD, bias_D
+    K = subtree["value_skew"].shape[0]
+    key_basis_KHR = cayley(subtree["key_skew"])[..., :kv_rank] * column_mask(key_ranks, kv_rank)[:, None, :]
+    value_basis_KHR = cayley(subtree["value_skew"])[..., :kv_rank] * column_mask(value_ranks, kv_rank)[:, None, :]
+    kernel_KGHD = out_kernel_NHD.astype(jnp.float32).reshape(K, N // K, H, D)
+    folded_NRD = jnp.einsum("khr,kghd->kgrd", value_basis_KHR, kernel_KGHD).reshape(N, kv_rank, D)
+    bias_D = jnp.einsum("kh,kghd->d", subtree["value_mean"].astype(jnp.float32), kernel_KGHD)
+    fixed = {"key_basis": key_basis_KHR, "key_mean": subtree["key_mean"], "value_basis": value_basis_KHR,
+             "value_mean": subtree["value_mean"]}
+    return fixed, {"out_kernel": folded_NRD, "out_bias": bias_D}

@@ -27,7 +27,7 @@ import numpy as np
 from errors import InputError
 from models import matryoshka_kv
 
-SUBTREE = "matryoshka_kv"
+SUBTREE = matryoshka_kv.SUBTREE
 _PARAMS = ("key_skew", "key_mean", "value_skew", "value_mean")
 
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from errors import InputError, checks
-from models import matryoshka_pca
+from models import matryoshka_kv, matryoshka_pca
 from models.matryoshka_kv import RANKS
 
 SUBTREE = matryoshka_pca.SUBTREE
@@ -48,7 +48,7 @@ class Result:
     step: int
     average: float  # mean rank / head_dim over the searched units
     error: float  # mean squared last-hidden-state difference at these ranks
-    rounds: tuple  # per round (unit, layer, head, "key" or "value", error after it)
+    rounds: tuple  # per lowering (unit, layer, head, "key" or "value", its error scored alone), in order
 
     def model_fields(self) -> dict:
         return {"kv_rank": self.kv_rank, "kv_key_ranks": self.key_ranks, "kv_value_ranks": self.value_ranks}
@@ -99,10 +99,8 @@ def _squared_errors(model, layers, params, tokens_BT, valid_BT, reference_BTD, k
     """Per candidate c, the sum over valid tokens of |h - h_ref|^2 with key_CLK[c], value_CLK[c] as ranks."""
 
     def one(ranks):
-        key_LK, value_LK = ranks
-        collection = {f"layer_{i}": {"attention": {SUBTREE: {"key_ranks": key_LK[j], "value_ranks": value_LK[j]}}}
-                      for j, i in enumerate(layers)}
-        h_BTD = _final_hidden(model, {"params": params, RANKS: collection}, tokens_BT)
+        h_BTD = _final_hidden(model, {"params": params, RANKS: matryoshka_kv.ranks_collection(layers, *ranks)},
+                              tokens_BT)
         return jnp.sum(jnp.square(h_BTD - reference_BTD) * valid_BT[..., None])
 
     return jax.lax.map(one, (key_CLK, value_CLK), batch_size=min(_CANDIDATES_AT_ONCE, key_CLK.shape[0]))
@@ -164,32 +162,47 @@ def hidden_state_error(model, params, batches, key_ranks, value_ranks) -> float:
     return float(calibration.errors(pick(key_ranks), pick(value_ranks))[0])
 
 
-def search(model, params, batches, budget: float, step: int) -> Result:
+def search(model, params, batches, budget: float, step: int, units_per_round: int = 1) -> Result:
     """The greedy search (module docstring) on `model` (any kv_rank; its MatryoshkaKV bases in `params`)."""
+    return search_path(model, params, batches, (budget,), step, units_per_round)[0]
+
+
+def search_path(model, params, batches, budgets, step: int, units_per_round: int = 1) -> tuple[Result, ...]:
+    """One greedy trajectory through several budgets: the Result at each (in the order given), as `search` would
+    return it for that budget alone when units_per_round is 1. Each round lowers the units_per_round units of least
+    error, each scored alone against the current ranks (the reference's many-units-per-round form), but never more
+    than the next budget needs."""
     config = model.config
     H, K = config.head_dim, config.num_kv_heads
-    check_budget_and_step(budget, step, H)
+    for budget in budgets:
+        check_budget_and_step(budget, step, H)
+    checks.integer("units_per_round", units_per_round, minimum=1)
     calibration = _Calibration(model, params, batches)
     layers = calibration.layers
     U = len(layers) * K * 2
     ranks_U = np.full((U,), H, np.int64)
-    max_total = math.floor(budget * U * H + 1e-9)
     lowered_UU = np.eye(U, dtype=np.int64) * step  # candidate c lowers unit c
-    rounds = []
-    while ranks_U.sum() > max_total:
-        candidates_CU = np.maximum(ranks_U[None, :] - lowered_UU, 0)
-        errors_C = calibration.errors(*_split(candidates_CU, len(layers), K))
-        errors_C[ranks_U <= step] = np.inf  # a unit keeps at least one step
-        unit = int(np.argmin(errors_C))  # the first of equal errors: the lowest unit number
-        ranks_U[unit] -= step
-        layer, rest = divmod(unit, 2 * K)
-        rounds.append((unit, layers[layer], rest // 2, ("key", "value")[rest % 2], float(errors_C[unit])))
-    key_LK, value_LK = _split(ranks_U, len(layers), K)
-    error = rounds[-1][-1] if rounds else float(calibration.errors(key_LK[None], value_LK[None])[0])
-    kv_rank = int(ranks_U.max())
-    return Result(_layer_major(key_LK, layers, config.num_layers, kv_rank),
-                  _layer_major(value_LK, layers, config.num_layers, kv_rank), kv_rank, H, float(budget), int(step),
-                  float(ranks_U.sum() / (U * H)), float(error), tuple(rounds))
+    rounds, results = [], {}
+    for budget in sorted(set(budgets), reverse=True):
+        max_total = math.floor(budget * U * H + 1e-9)
+        while ranks_U.sum() > max_total:
+            candidates_CU = np.maximum(ranks_U[None, :] - lowered_UU, 0)
+            errors_C = calibration.errors(*_split(candidates_CU, len(layers), K))
+            errors_C[ranks_U <= step] = np.inf  # a unit keeps at least one step
+            needed = -(-(ranks_U.sum() - max_total) // step)
+            order = [u for u in np.argsort(errors_C, kind="stable") if np.isfinite(errors_C[u])]  # ties: lowest
+            for unit in order[:min(units_per_round, needed)]:
+                ranks_U[unit] -= step
+                layer, rest = divmod(int(unit), 2 * K)
+                rounds.append((int(unit), layers[layer], rest // 2, ("key", "value")[rest % 2], float(errors_C[unit])))
+        key_LK, value_LK = _split(ranks_U, len(layers), K)
+        kv_rank = int(ranks_U.max())
+        results[budget] = Result(
+            _layer_major(key_LK, layers, config.num_layers, kv_rank),
+            _layer_major(value_LK, layers, config.num_layers, kv_rank), kv_rank, H, float(budget), int(step),
+            float(ranks_U.sum() / (U * H)), float(calibration.errors(key_LK[None], value_LK[None])[0]),
+            tuple(rounds))
+    return tuple(results[budget] for budget in budgets)
 
 
 def save(path: str, result: Result) -> None:

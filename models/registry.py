@@ -10,6 +10,8 @@ and the checkpoint code rely on, and nothing else about a family is read outside
                                              "jacobi_trajectories" (data/jacobi_trajectories.py)
   model.flops_per_token(seq_len)             training FLOPs per token, for MFU
   model.init_cache(batch, cache_len, rollback_window)  an empty models.cache.Cache
+  model.decode_params(params)               the parameters as decoding runs them, computed once by the engine
+                                            (e.g. MatryoshkaKV's fixed bases); often `params` itself
   model.apply({"params": p}, inputs, cache, num_new_B, logits_at_B=...)  (decode outputs, cache) for the engine
 
 A family may set `PARAMETERS = "<family>"` in its module when its parameters are another family's (the same
@@ -26,7 +28,7 @@ import ml_collections
 import models
 from errors import InputError
 
-CONTRACT = ("example_inputs", "loss", "batch_format", "flops_per_token", "init_cache")
+CONTRACT = ("example_inputs", "loss", "batch_format", "flops_per_token", "init_cache", "decode_params")
 
 
 def available() -> list[str]:

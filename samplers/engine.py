@@ -277,12 +277,15 @@ class Sampler:
     # ---------------------------------------------------------------------------------------------------------
 
     def place_params(self, model, params):
-        """`params` of `model` on the mesh by their logical names, matrices cast once to the compute dtype: the
-        model casts each matrix at every step, and casting once halves the bytes a bfloat16 step reads. Vectors
-        (norm scales) stay float32, as the model uses them."""
+        """`params` of `model` on the mesh by their logical names, in the model's decode form (model.decode_params,
+        computed once here rather than at every step), matrices cast once to the compute dtype: the model casts
+        each matrix at every step, and casting once halves the bytes a bfloat16 step reads. Vectors (norm scales,
+        biases) stay float32, as the model uses them."""
         params = nn.meta.unbox(params)
         if self.mesh is not None:
             params = jax.device_put(params, mesh_lib.sharded_abstract_params(model, self.mesh, self.rules)[1])
+        with self.sharding_context():
+            params = model.decode_params(params)
         dtype = jnp.dtype(model.config.dtype)
         return jax.tree.map(lambda x: x.astype(dtype) if x.ndim >= 2 and x.dtype != dtype else x, params)
 
@@ -317,6 +320,13 @@ class Sampler:
             return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
         return jax.tree.map(constrain, state, is_leaf=is_cache)
+
+    @staticmethod
+    def cache_bytes(tree) -> int:
+        """Bytes the decode caches in `tree` hold as allocated: of a DecodeState, the target's and any draft
+        model's."""
+        caches = [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Cache)) if isinstance(x, Cache)]
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(caches))
 
     @staticmethod
     def fetch(x) -> np.ndarray:

@@ -8,10 +8,18 @@ import numpy as np
 import pytest
 import tokenizers
 
-from benchmarks import accelerator, decode, jacobi, lightning, speculative, superposed
+from benchmarks import (
+    accelerator,
+    decode,
+    jacobi,
+    lightning,
+    matryoshka_kv as matryoshka_kv_benchmark,
+    speculative,
+    superposed,
+)
 from checkpoints import huggingface
 from configs import lm
-from models import registry
+from models import matryoshka_pca, matryoshka_rates, registry
 
 
 @pytest.mark.torch
@@ -157,3 +165,31 @@ def test_speculative_benchmark_with_the_target_as_its_own_draft(checkpoint, tmp_
             assert row["tokens_per_step"] == (4 if shape == "chain" else 3)
             # 9 tokens: the prefill's, then 2 steps of 4 (chain) or 3 steps of 3, the last one cut
             assert np.isclose(row["forwards_per_token"], (1 + (2 if shape == "chain" else 3)) / 9)
+
+
+def test_matryoshka_kv_benchmark_measures_every_bases_budget_and_rate_file(checkpoint, tmp_path):
+    """PCA bases of the checkpoint and a rate file at one budget: uniform rows at every budget (full rank is the
+    uncompressed model), a searched row where the file is, and decode steps whose cache bytes follow the rank."""
+    _, model, params, _ = superposed.load_model(f"hf:{checkpoint}", "")
+    tokens_BT = jax.random.randint(jax.random.key(0), (4, 32), 0, 300)
+    stats = matryoshka_pca.moments(model, params, tokens_BT)
+    bases = str(tmp_path / "matryoshka_kv.npz")
+    matryoshka_pca.save(bases, matryoshka_pca.pca_params(stats), stats)
+    _, compressed, compressed_params, _ = superposed.load_model(f"hf:{checkpoint}", "",
+                                                                {"kv_rank": 16, "kv_bases": bases})
+    (rates,) = matryoshka_rates.search_path(compressed, compressed_params, [(tokens_BT, np.full(4, 32))], (0.5,), 4,
+                                            units_per_round=4)
+    matryoshka_rates.save(str(tmp_path / "matryoshka_rates_0.5.json"), rates)
+
+    matryoshka_kv_benchmark.main(["--init-from", f"hf:{checkpoint}", "--bases", f"pca={bases}", "--budgets",
+                                  "1.0,0.5,0.25", "--num-batches", "1", "--context", "64", "--decode-batches", "1",
+                                  "--repeats", "1", "--out", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "matryoshka_kv.json").read_text())
+    assert (tmp_path / "out" / "matryoshka_kv.png").stat().st_size > 0
+    rows = {(row["rates"], row["budget"]): row for row in report["quality"]["pca"]}
+    assert set(rows) == {("uniform", 1.0), ("uniform", 0.5), ("searched", 0.5), ("uniform", 0.25)}
+    assert rows["uniform", 1.0]["agreement"] == 1.0 and rows["uniform", 1.0]["accuracy_retained"] == 1.0
+    assert rows["searched", 0.5]["achieved_budget"] == 0.5 and 0 < rows["uniform", 0.25]["agreement"] < 1
+    decode_rows = {row["kv_rank"]: row for row in report["decode"]["rows"]}
+    assert set(decode_rows) == {0, 16, 8, 4} and all(row["step_s"] > 0 for row in decode_rows.values())
+    assert decode_rows[8]["bytes_ratio"] == pytest.approx(0.5, rel=1e-2)

@@ -21,6 +21,14 @@ from pallas_kernels.low_rank_decode_attention import (
     low_rank_decode_attention_pallas,
 )
 from pallas_kernels.sharding import KernelSharding
+from samplers import ngram_store
+from samplers.draft_model import DraftModel
+from samplers.engine import Sampler, SamplerConfig
+from samplers.jacobi import Jacobi, JacobiConfig
+from samplers.plain import PlainSampling
+from samplers.sampling import SamplingConfig
+from samplers.speculative import Speculative, SpeculativeConfig
+from samplers.superposed import Superposed, SuperposedConfig
 from tools import matryoshka_pca as matryoshka_pca_tool
 
 TINY = dict(vocab_size=97, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
@@ -421,18 +429,79 @@ def test_kernel_without_bases_runs_in_the_key_and_value_bases():
     np.testing.assert_allclose(o_BNH, low_rank_decode_attention(**inputs, implementation="reference"), atol=1e-5)
 
 
-def test_folding_the_value_basis_into_the_output_projection_changes_nothing():
+PER_HEAD = dict(kv_rank=6, kv_key_ranks=(6, 3, 2, 6), kv_value_ranks=(1, 6, 4, 4))
+
+
+def test_the_decode_form_is_the_same_model_without_a_solve_per_step():
+    model = compressed(**PER_HEAD)
     params = with_random_bases(base_params())
-    attention = params["layer_0"]["attention"]
-    subtree = attention["matryoshka_kv"]
-    o_BTNR = jnp.where(jnp.arange(6) < 4, jax.random.normal(jax.random.key(2), (2, 3, 4, 6)), 0.0)  # ranks 4
-    expanded_BTNH = matryoshka_kv.MatryoshkaKV(2, H, 6, (4, 4), (4, 4)).apply({"params": subtree}, o_BTNR,
-                                                                              method="expand")
-    unfolded_BTD = jnp.einsum("btnh,nhd->btd", expanded_BTNH, attention["out_kernel"])
-    kernel_NRD, bias_D = matryoshka_kv.fold_output_projection(attention["out_kernel"], subtree["value_skew"],
-                                                              subtree["value_mean"], 6)
-    folded_BTD = jnp.einsum("btnr,nrd->btd", o_BTNR, kernel_NRD) + bias_D[None, None]
-    np.testing.assert_allclose(folded_BTD, unfolded_BTD, atol=1e-5)
+    fixed = model.decode_params(params)
+    attention = fixed["layer_0"]["attention"]
+    assert set(attention["matryoshka_kv"]) == {"key_basis", "key_mean", "value_basis", "value_mean"}
+    assert attention["out_kernel"].shape == (4, 6, 32) and attention["out_bias"].shape == (32,)
+    # Columns past each head's rank are zero in the fixed bases (layer 0: key ranks 6, 3; value ranks 1, 6).
+    assert not np.any(attention["matryoshka_kv"]["key_basis"][1, :, 3:])
+    assert not np.any(attention["matryoshka_kv"]["value_basis"][0, :, 1:])
+    tokens_BT = tokens(length=10)
+    full_BTV, _ = forward(model, params, tokens_BT)
+    np.testing.assert_allclose(forward(model, fixed, tokens_BT)[0], full_BTV, atol=2e-5)
+
+    cache = model.init_cache(2, 12)
+    _, cache = jax.jit(model.apply)({"params": fixed}, tokens_BT[:, :6], cache)
+    step = lambda p, t, c: model.apply({"params": p}, t, c)  # noqa: E731
+    step_B1V, _ = jax.jit(step)(fixed, tokens_BT[:, 6:7], cache)
+    np.testing.assert_allclose(step_B1V[:, 0], full_BTV[:, 6], atol=2e-5)
+    # The Cayley map's elimination loop runs in every training-form step and in no decode-form step.
+    loops = lambda p: {e.primitive.name for e in jax.make_jaxpr(step)(p, tokens_BT[:, 6:7], cache).eqns  # noqa: E731
+                       } & {"scan", "while"}
+    assert loops(params) and not loops(fixed)
+
+
+def _greedy_without_cache(model, params, prompt, num_tokens):
+    sequence = list(prompt)
+    for _ in range(num_tokens):
+        logits_BTV, _ = forward(model, params, jnp.asarray([sequence]))
+        sequence.append(int(jnp.argmax(logits_BTV[0, -1])))
+    return sequence[len(prompt):]
+
+
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13]]
+
+
+@pytest.mark.parametrize("strategy", ["plain", "speculative", "jacobi"])
+def test_every_exact_decoding_method_decodes_the_compressed_model_greedily(strategy):
+    """The engine's decode form and compressed cache under plain, speculative (the uncompressed model drafting)
+    and Jacobi decoding give the tokens of greedy decoding by the compressed model's full forward."""
+    model = compressed(**PER_HEAD, max_seq_len=64)
+    params = with_random_bases(base_params())
+    base = Model(Config(**TINY, max_seq_len=64))
+    make = {"plain": lambda: PlainSampling(SamplingConfig()),
+            "speculative": lambda: Speculative(SpeculativeConfig((2, 1)), DraftModel(base, base_params())),
+            "jacobi": lambda: Jacobi(JacobiConfig(window=3))}[strategy]
+    sampler = Sampler(model, params, None, SamplerConfig(max_new_tokens=6, prompt_buckets=(8,)), make())
+    output = sampler.generate_tokens(PROMPTS)
+    assert output.tokens == [_greedy_without_cache(model, params, prompt, 6) for prompt in PROMPTS]
+
+
+def test_superposed_decoding_and_the_engine_report_on_the_compressed_cache():
+    """At kv_rank = head_dim (random rotations and means) the compressed model is the base model, so Superposed
+    Decoding's drafts through the compressed cache are the base model's; the engine reports the cache's bytes."""
+    store = ngram_store.build_ngram_store([np.arange(40) % TINY["vocab_size"]], (2,), vocab_size=TINY["vocab_size"])
+    strategy = Superposed(SuperposedConfig(num_drafts=2, ngram_orders=(2,), ngram_weights=(0.1,)), store)
+    config = SamplerConfig(max_new_tokens=5, prompt_buckets=(8,))
+    base = Sampler(Model(Config(**TINY, max_seq_len=64)), base_params(), None, config, strategy)
+    full_rank = Sampler(compressed(kv_rank=H, max_seq_len=64), with_random_bases(base_params()), None, config,
+                        strategy)
+    assert full_rank.generate_tokens(PROMPTS).tokens == base.generate_tokens(PROMPTS).tokens
+
+    half = Sampler(compressed(kv_rank=H // 2, max_seq_len=64), with_random_bases(base_params()), None, config)
+    uncompressed = Sampler(Model(Config(**TINY, max_seq_len=64)), base_params(), None, config)
+    half_bytes, full_bytes = (s.cache_bytes(s.prefill(PROMPTS)) for s in (half, uncompressed))
+    # Batch 2, 2 layers, keys and values, 2 heads, 64 slots (max_seq_len), float32, and the rows' int32 lengths;
+    # half the columns.
+    lengths_bytes = 2 * 4
+    assert full_bytes == 2 * 2 * 2 * 2 * 64 * H * 4 + lengths_bytes
+    assert half_bytes - lengths_bytes == (full_bytes - lengths_bytes) // 2
 
 
 def test_a_kv_rank_the_gpu_kernel_cannot_take_is_refused_at_start(monkeypatch):

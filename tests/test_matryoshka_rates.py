@@ -205,10 +205,24 @@ def test_the_search_is_deterministic_and_meets_the_budget_at_the_step():
     Config(**FIELDS, **first.model_fields())  # the model config takes them
 
 
+def test_one_trajectory_through_several_budgets_is_the_searches_one_by_one():
+    model, params, batches = lopsided_model()
+    at_half, at_quarter = matryoshka_rates.search_path(model, params, batches, (0.5, 0.25), 1)
+    assert at_half == searched(0.5, 1)
+    assert at_quarter.average == 0.25 and at_quarter.rounds[:len(at_half.rounds)] == at_half.rounds
+    # Three units per round: a third of the rounds, each budget still met exactly (the last round takes only
+    # what the budget needs), and the same answer on a second run.
+    coarse = matryoshka_rates.search_path(model, params, batches, (0.5, 0.25), 1, units_per_round=3)
+    assert coarse == matryoshka_rates.search_path(model, params, batches, (0.5, 0.25), 1, units_per_round=3)
+    assert [r.average for r in coarse] == [0.5, 0.25]
+    assert coarse[0].error == pytest.approx(matryoshka_rates.hidden_state_error(
+        model, params, batches, coarse[0].key_ranks, coarse[0].value_ranks), rel=1e-5)
+
+
 def test_the_tool_writes_ranks_that_evaluation_and_benchmarks_read(run, tmp_path):
     corpus_dir, workdir, bases, _ = run
     config = eval_config(corpus_dir, kv_bases=bases)
-    info = matryoshka_rates_tool.build(config, workdir, budget=0.75, step=2, num_tokens=96)
+    info = matryoshka_rates_tool.build(config, workdir, budgets=0.75, step=2, num_tokens=96)
     assert info["path"] == os.path.join(workdir, "matryoshka_rates.json")
     fields = matryoshka_rates.load(info["path"])
     assert fields == info["result"].model_fields() and info["result"].average == 0.75

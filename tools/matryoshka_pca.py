@@ -82,7 +82,8 @@ def calibration_batches(config, workdir: str, num_tokens: int, what: str = "Matr
             for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
                 yield encoding.ids + [eos]
 
-    return token_windows(documents(), config.data.seq_len, _BATCH_ROWS, num_tokens)
+    rows = min(_BATCH_ROWS, -(-num_tokens // config.data.seq_len))  # no all-padding rows for a short calibration
+    return token_windows(documents(), config.data.seq_len, rows, num_tokens)
 
 
 def calibrate(config, workdir: str, model, params, num_tokens: int, mesh=None, rules=()) -> dict:
