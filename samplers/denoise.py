@@ -16,6 +16,9 @@ token, abar = 1), gathered from the training schedule inside the loop. Each step
   ddim  deterministic (eta = 0): sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps; `temperature` scales the starting
         noise, its only randomness
 
+With clip_x0 the predicted x0 is clipped to [-1, 1] before either step uses it (ADM's clip_denoised, for tokens that
+are pixels), and eps is re-derived from it.
+
 Guidance: with a null condition the head runs once per step on the conditional and unconditional rows stacked
 ([2B]), and the prediction is pred_u + guidance_scale (pred_c - pred_u) (Orthus, MAR's forward_with_cfg).
 """
@@ -36,11 +39,13 @@ class DenoiseConfig:
     method: str = "ddpm"
     temperature: float = 1.0
     guidance_scale: float = 1.0  # 1: the conditional prediction; 0: the unconditional one; > 1: guided past it
+    clip_x0: bool = False  # clip the predicted x0 to [-1, 1] (ADM's clip_denoised: tokens of pixels in [-1, 1])
 
     def __post_init__(self):
         checks.choice("method", self.method, METHODS)
         checks.number("temperature", self.temperature, minimum=0)
         checks.number("guidance_scale", self.guidance_scale, minimum=0)
+        checks.choice("clip_x0", self.clip_x0, (True, False))
 
 
 def respaced_timestep(i, num_steps, num_train_steps: int):
@@ -72,6 +77,9 @@ def sample(predict, prediction: str, schedule: diffusion.Schedule, condition_BD,
         abar = schedule.alphas_cumprod_T[t]
         abar_prev = jnp.where(t_prev >= 0, schedule.alphas_cumprod_T[jnp.maximum(t_prev, 0)], 1.0)
         x0_BC, eps_BC = diffusion.to_x0_and_eps(prediction, x_BC, abar, guided(x_BC, t))
+        if config.clip_x0:  # and eps re-derived from the clipped x0, as ADM's DDIM does
+            x0_BC = jnp.clip(x0_BC, -1, 1)
+            eps_BC = (x_BC - jnp.sqrt(abar) * x0_BC) / jnp.sqrt(1 - abar)
         if config.method == "ddim":
             return jnp.sqrt(abar_prev) * x0_BC + jnp.sqrt(1 - abar_prev) * eps_BC
         beta = 1 - abar / abar_prev

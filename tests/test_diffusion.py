@@ -117,6 +117,9 @@ def numpy_sample(h, prediction, abar, condition, null_condition, num_steps, rng,
             eps, x0 = pred, (x - np.sqrt(1 - a) * pred) / np.sqrt(a)
         else:
             x0, eps = np.sqrt(a) * x - np.sqrt(1 - a) * pred, np.sqrt(a) * pred + np.sqrt(1 - a) * x
+        if config.clip_x0:
+            x0 = np.clip(x0, -1, 1)
+            eps = (x - np.sqrt(a) * x0) / np.sqrt(1 - a)
         if config.method == "ddim":
             x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
         else:
@@ -133,13 +136,15 @@ def test_respaced_timesteps():
     assert [denoise.respaced_timestep(i, 1, 1000) for i in range(2)] == [999, -1]
 
 
-@pytest.mark.parametrize("method,prediction,schedule_name,temperature,guidance",
-                         [("ddpm", "epsilon", "cosine", 1.0, None), ("ddpm", "v", "scaled_linear", 0.7, 3.0),
-                          ("ddim", "epsilon", "cosine", 1.0, 2.0), ("ddim", "v", "scaled_linear", 0.5, None)])
-def test_samplers_match_numpy_for_traced_step_counts(method, prediction, schedule_name, temperature, guidance):
+@pytest.mark.parametrize("method,prediction,schedule_name,temperature,guidance,clip",
+                         [("ddpm", "epsilon", "cosine", 1.0, None, False),
+                          ("ddpm", "v", "scaled_linear", 0.7, 3.0, True),
+                          ("ddim", "epsilon", "cosine", 1.0, 2.0, True),
+                          ("ddim", "v", "scaled_linear", 0.5, None, False)])
+def test_samplers_match_numpy_for_traced_step_counts(method, prediction, schedule_name, temperature, guidance, clip):
     schedule = diffusion.make_schedule(schedule_name)
     abar = np.asarray(schedule.alphas_cumprod_T, np.float64)
-    config = DenoiseConfig(method, temperature, 1.0 if guidance is None else guidance)
+    config = DenoiseConfig(method, temperature, 1.0 if guidance is None else guidance, clip)
     rng = np.random.default_rng(3)
     condition, null_condition = rng.normal(size=(2, D)), rng.normal(size=(2, D)) if guidance else None
     h, traces = head(), []
