@@ -23,7 +23,7 @@ from checkpoints import init_from, restore
 from checkpoints.manager import Checkpoints
 from checkpoints.preemption import PreemptionWatch
 from configs import cli, validation
-from data import corpus, jacobi_trajectories, pipeline, tokenizer as tokenizer_lib
+from data import corpus, image_pipeline, jacobi_trajectories, pipeline, tokenizer as tokenizer_lib
 from errors import TrainingDiverged
 from metrics import flops
 from metrics.writer import MetricWriter
@@ -84,13 +84,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
 
     # ---------------------------------------------------------------------------------------------------------
     # Data: the corpus, its tokenizer (trained once, saved in the workdir) and a checkpointable iterator over
-    # packed windows of it, or over Jacobi trajectories (config.data.trajectories) for consistency training.
+    # packed windows of it, or over Jacobi trajectories (config.data.trajectories) for consistency training, or
+    # over captioned images (config.data.corpus "shapes_world") for the image model.
     # ---------------------------------------------------------------------------------------------------------
     sources = corpus.load_corpus(config.data)
     tokenizer = tokenizer_lib.load_or_train_tokenizer(config.data, workdir, sources["train"], config.model.vocab_size)
     hosts = dict(seed=config.data.shuffle_seed, process_index=process_index, process_count=process_count)
     if config.data.trajectories:
         data_iterator = jacobi_trajectories.train_iterator(config.data, **hosts)
+    elif config.data.corpus == corpus.SHAPES_WORLD:
+        data_iterator = image_pipeline.train_iterator(config.data, tokenizer, sources["train"], **hosts)
     else:
         data_iterator = pipeline.train_iterator(config.data, tokenizer, sources["train"], **hosts)
 

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 import evaluators
-from data import jacobi_trajectories, tokenizer as tokenizer_lib
+from data import corpus, image_pipeline, jacobi_trajectories, tokenizer as tokenizer_lib
 from errors import InputError, checks
 from models import registry
 from pallas_kernels import low_rank_decode_attention
@@ -43,14 +43,20 @@ def _training_data(data, model_config, model) -> None:
     """The batches train.py makes are the ones the model's loss reads."""
     if not isinstance(data.trajectories, str):
         raise InputError(f"config.data.trajectories={data.trajectories!r} must be a directory or ''")
-    made = "jacobi_trajectories" if data.trajectories else "text"
+    images = data.corpus == corpus.SHAPES_WORLD
+    made = "jacobi_trajectories" if data.trajectories else image_pipeline.BATCH_FORMAT if images else "text"
     if model.batch_format != made:
-        wanted = "config.data.trajectories set to a directory of Jacobi trajectories" if made == "text" else \
-            "config.data.trajectories=''"
+        wanted = {"text": "config.data.trajectories='' and a text corpus",
+                  "jacobi_trajectories": "config.data.trajectories set to a directory of Jacobi trajectories",
+                  image_pipeline.BATCH_FORMAT: f"config.data.corpus={corpus.SHAPES_WORLD!r}"}.get(model.batch_format,
+                                                                                                 "another pipeline")
         raise InputError(f"config.model.name={model_config.name!r} trains on {model.batch_format} batches, which need "
-                         f"{wanted} (config.data.trajectories={data.trajectories!r})")
+                         f"{wanted} (config.data.corpus={data.corpus!r}, config.data.trajectories="
+                         f"{data.trajectories!r})")
     if data.trajectories:
         jacobi_trajectories.check(data)
+    if images:
+        checks.integer("config.data.caption_tokens", data.caption_tokens, minimum=2)
 
 
 def _data(data, model) -> None:

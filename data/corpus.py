@@ -6,15 +6,19 @@ import sysconfig
 
 import tensorflow_datasets as tfds
 
-from data import text_corpus
+from data import shapes_dataset, text_corpus
 from errors import InputError
 
 SPLITS = ("train", "validation")
+SHAPES_WORLD = "shapes_world"  # the rendered images with captions of data/shapes_dataset.py, sized by config.data.world
 _TFDS_PREFIX = "tfds:"
 
 
 def load_corpus(data_config) -> dict:
-    """Builds the corpus if needed and returns {"train": source, "validation": source}."""
+    """Builds the corpus if needed and returns {"train": source, "validation": source} (and "test" for the shapes
+    world: its held-out prompts)."""
+    if data_config.corpus == SHAPES_WORLD:
+        return _load_shapes_world(data_config)
     if data_config.corpus.startswith(_TFDS_PREFIX):
         return _load_tfds(data_config)
     return _load_directory(data_config)
@@ -22,7 +26,8 @@ def load_corpus(data_config) -> dict:
 
 def record_text(record, data_config) -> str:
     """The text of one record of a source returned by load_corpus."""
-    key = data_config.text_key if data_config.corpus.startswith(_TFDS_PREFIX) else "text"
+    keyed = data_config.corpus.startswith(_TFDS_PREFIX) or data_config.corpus == SHAPES_WORLD
+    key = data_config.text_key if keyed else "text"
     text = record[key]
     return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
 
@@ -55,6 +60,16 @@ def _load_directory(data_config) -> dict:
     builder = text_corpus.TextCorpus(config=config, data_dir=_data_dir(data_config), file_format="array_record")
     builder.download_and_prepare()
     return builder.as_data_source()
+
+
+def _load_shapes_world(data_config) -> dict:
+    try:
+        world = shapes_dataset.world_config(**data_config.world)
+    except InputError as error:
+        raise InputError(f"config.data.world.{error}") from None
+    except TypeError as error:
+        raise InputError(f"config.data.world={dict(data_config.world)}: {error}") from None
+    return shapes_dataset.load_splits(_data_dir(data_config), world)
 
 
 def _load_tfds(data_config) -> dict:

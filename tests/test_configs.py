@@ -19,7 +19,7 @@ import tokenizers
 import train
 from checkpoints import init_from
 from configs import lm, validation
-from data import jacobi_trajectories
+from data import corpus, jacobi_trajectories
 from errors import InputError
 from models import registry
 from parallel import mesh as mesh_lib
@@ -122,6 +122,11 @@ def test_every_preset_validates_builds_and_lowers_a_train_step(file, preset, tmp
     config = get_config() if preset is None else get_config(preset)
     B, L = config.data.global_batch_size, config.data.seq_len + 1
     shapes = {"tokens": (B, L)}
+    dtypes = {}
+    if config.data.corpus == corpus.SHAPES_WORLD:  # the image model's captioned images (data/image_pipeline.py)
+        size = config.model.image_size
+        shapes = {"text": (B, config.data.caption_tokens), "caption_tokens": (B,), "image": (B, size, size, 3)}
+        dtypes = {"image": jnp.uint8}
     if config.data.trajectories:  # consistency training: its trajectories and its base model come from earlier runs
         W = config.trajectories.window
         config.data.trajectories = str(tmp_path / "trajectories")
@@ -139,7 +144,7 @@ def test_every_preset_validates_builds_and_lowers_a_train_step(file, preset, tmp
     optimizer, schedule = train.make_optimizer(config)
     init_state = train.make_init_state(model, optimizer, config.data.seq_len)
     abstract_state, state_shardings = mesh_lib.sharded_abstract(init_state, jax.random.key(0), mesh=mesh, rules=rules)
-    batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=mesh_lib.batch_sharding(mesh, rules))
+    batch = {key: jax.ShapeDtypeStruct(shape, dtypes.get(key, jnp.int32), sharding=mesh_lib.batch_sharding(mesh, rules))
              for key, shape in shapes.items()}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         lowered = jax.jit(train.make_train_step(model, optimizer, schedule, config.seed),
