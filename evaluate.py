@@ -4,7 +4,8 @@
 
 Runs the evaluators named in config.evaluate.run (evaluators/: validation loss, perplexity and bits per byte;
 completions of code prompts with each configured sampler; Superposed Decoding against nucleus and greedy; Jacobi
-decoding's counts), prints their summaries and writes everything to WORKDIR/eval_results.json.
+decoding's counts; images of held-out prompts scored by GenEval's rules, with PNG grids), prints their summaries
+and writes everything to WORKDIR/eval_results.json.
 """
 
 import json

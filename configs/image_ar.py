@@ -21,7 +21,10 @@ image starts), pads it on the left and is the null caption of classifier-free gu
           DiSA 50 -> 5 linear, constant 5) have not been run.
 
 Sampling (config.evaluate.image_generation): DDPM, 50 steps per token (DiSA constant), temperature 1, guidance 3
-(the unconditional rows batched with the conditional ones), x0 clipped to the pixel range.
+(the unconditional rows batched with the conditional ones), x0 clipped to the pixel range. Speed does not depend on
+the weights: `python benchmarks/image_ar.py --preset=shapes --prompts-per-task=1 --images-per-prompt=2 --repeats=1`
+(random init, 12 images in one engine call, 2 shared CPU cores) measured 4.30 s at constant 50 steps, 2.52 s with
+DiSA linear 50 -> 5 (1.7x) and 0.61 s at constant 5 (7x): wall time follows the steps run.
 """
 
 import ml_collections

@@ -6,8 +6,9 @@ and the checkpoint code rely on, and nothing else about a family is read outside
 
   model.example_inputs(batch_size, seq_len)  arguments of model.init (and of abstract evaluation or lowering)
   model.loss(params, batch, rng)             (scalar loss, {name: scalar metric}) on a batch of the data pipeline
-  model.batch_format                         the batches loss reads: "text" (data/pipeline.py) or
-                                             "jacobi_trajectories" (data/jacobi_trajectories.py)
+  model.batch_format                         the batches loss reads: "text" (data/pipeline.py),
+                                             "jacobi_trajectories" (data/jacobi_trajectories.py) or
+                                             "shapes_images" (data/image_pipeline.py)
   model.flops_per_token(seq_len)             training FLOPs per token, for MFU
   model.init_cache(batch, cache_len, rollback_window)  an empty models.cache.Cache
   model.decode_params(params)               the parameters as decoding runs them, computed once by the engine

@@ -88,3 +88,18 @@ def test_bad_input_is_one_line_errors(data_dir, tmp_path, key, value, message):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert "\n" not in str(error.value)
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_benchmark_compares_schedules_side_by_side(tmp_path):
+    from benchmarks import image_ar as benchmark
+
+    benchmark.main(["--preset", "tiny", "--schedules", "constant:4,linear:4:2,constant:2", "--prompts-per-task", "1",
+                    "--images-per-prompt", "1", "--repeats", "1", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "image_ar.json").read_text())
+    assert (tmp_path / "image_ar.png").stat().st_size > 0
+    assert report["params"] == "fresh" and report["images"] == 6
+    steps = [row["diffusion_steps_per_image"] for row in report["results"]]
+    assert steps[0] == 4 * 64 and steps[2] == 2 * 64 and steps[2] < steps[1] < steps[0]
+    assert report["results"][0]["speedup"] == 1.0
+    assert all(row["images_per_second"] > 0 and 0 <= row["geneval"]["overall"] <= 1 for row in report["results"])
