@@ -1,14 +1,17 @@
 """The image model (models/image_ar.py): pixel patches, its loss, its cached decode against its full forward, and
-image sampling through the decode engine (samplers/image_tokens.py) against an uncached reference loop."""
+image sampling through the decode engine (samplers/image_tokens.py) against an uncached reference loop, sharded
+and not."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from errors import InputError
 from models import diffusion, image_ar, pixel_patches
+from parallel import mesh as mesh_lib
 from samplers import denoise
 from samplers.denoise import DenoiseConfig
 from samplers.disa import StepSchedule
@@ -126,8 +129,10 @@ def reference_images(model, params, prompts, seed, strategy: DiffusionTokens):
     return np.asarray(pixel_patches.to_images(tokens, cfg.image_size, cfg.patch_size))
 
 
-@pytest.mark.parametrize("method,guidance,schedule", [("ddpm", 1.0, StepSchedule("linear", 6, 2)),
-                                                     ("ddim", 2.5, StepSchedule("cosine", 5, 3))])
+@pytest.mark.parametrize("method,guidance,schedule", [
+    ("ddpm", 1.0, StepSchedule("linear", 6, 2)),
+    pytest.param("ddim", 2.5, StepSchedule("cosine", 5, 3), marks=pytest.mark.slow),  # guided: the fast sibling's
+])
 def test_engine_sampling_equals_the_uncached_reference(method, guidance, schedule):
     model = tiny(prediction="v" if method == "ddim" else "epsilon")
     params = init(model)
@@ -140,3 +145,17 @@ def test_engine_sampling_equals_the_uncached_reference(method, guidance, schedul
     expected = reference_images(model, params, prompts, 3, strategy)
     assert np.abs(images.astype(int) - expected).max() <= 1  # a pixel may round the other way
     assert not np.array_equal(images[0], images[1])  # different captions, different images
+
+
+@pytest.mark.slow
+def test_sharded_sampling_equals_unsharded():
+    model = tiny()
+    params = init(model)
+    prompts = [list(row) for row in np.asarray(batch(model)["text"])]
+    strategy = DiffusionTokens(DenoiseConfig("ddpm", 1.0, 3.0, clip_x0=True), StepSchedule("linear", 6, 2))
+    engine_config = SamplerConfig(max_new_tokens=model.config.num_image_tokens)
+    plain = Sampler(model, params, None, engine_config, strategy=strategy).generate_tokens(prompts, seed=1)
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=1, tensor=2)))
+    sharded = Sampler(model, params, None, engine_config, strategy=strategy, mesh=mesh,
+                      rules=mesh_lib.LOGICAL_AXIS_RULES).generate_tokens(prompts, seed=1)
+    assert np.abs(plain.astype(int) - sharded).max() <= 1
