@@ -59,8 +59,9 @@ class DiffusionTokens(Strategy):
         B = hidden_BD.shape[0]
         if self.guided:
             null_BP = jnp.broadcast_to(prefill.prompt_BP[:, :1], prefill.prompt_BP.shape)
+            capacity = cache.capacity or prefill.prompt_BP.shape[1]  # None: fixed-size states, which ignore it
             null_hidden_B1D, null_cache = ctx.model.apply(
-                {"params": ctx.params}, null_BP, ctx.model.init_cache(B, cache.capacity), prefill.lengths_B,
+                {"params": ctx.params}, null_BP, ctx.model.init_cache(B, capacity), prefill.lengths_B,
                 logits_at_B=prefill.lengths_B - 1)
             hidden_BD = jnp.concatenate([hidden_BD, null_hidden_B1D[:, 0]])
             cache = _concatenate_rows(cache, null_cache)
