@@ -193,6 +193,11 @@ class Model(nn.Module):
         return (backbone(cfg).flops_per_token(seq_len) + 6 * C * D * image_share
                 + 6 * cfg.diffusion_batch_mul * head_weights * image_share)
 
+    def decode_params(self, params):
+        """The parameters as decoding runs them (the contract's newer member, which the engine calls once): this
+        family decodes with its parameters as they are."""
+        return params
+
     def init_cache(self, batch_size: int, cache_len: int, rollback_window: int = 0) -> Cache:
         """The backbone's cache (models/llama.py)."""
         return backbone(self.config).init_cache(batch_size, cache_len, rollback_window)
