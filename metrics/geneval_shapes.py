@@ -3,10 +3,13 @@
 GenEval detects objects with Mask2Former and names their colours with CLIP; here a detector reads them off the
 pixels, which is exact on rendered images (data/shapes_world.py):
 - foreground: pixels farther than FOREGROUND_DISTANCE from the background colour;
-- objects: its 8-connected components of at least MIN_AREA pixels (smaller ones are noise, as GenEval drops
-  low-confidence detections); bigger components count as more confident, which orders each shape's detections;
+- objects: its 8-connected components of at least MIN_AREA pixels; bigger components count as more confident,
+  which orders each shape's detections;
 - colour: the palette colour nearest to the component's mean RGB;
 - shape: the shape whose mask drawn in the component's bounding box has the highest IoU with the component.
+A component is no object, as GenEval drops detections below its confidence threshold, when it is small (under
+MIN_AREA), not shaped like any shape (best IoU under MIN_SHAPE_IOU) or not of one colour (under MIN_COLOR_PURITY of
+its pixels nearest its colour): so a generated image of coloured noise holds no objects, rendered ones exactly theirs.
 Then GenEval's own rules (evaluation/evaluate_images.py: evaluate): each include clause takes its shape's `count`
 most confident detections, needs that many, and as many of them in its colour, and in its relation to every
 detection of its target clause (GenEval's centre-offset rule, shapes_world.relative_position); an exclude clause
@@ -24,6 +27,8 @@ from errors import InputError, checks
 # Halfway from the background to the palette, whose colours are all 255 from it.
 FOREGROUND_DISTANCE = 128
 MIN_AREA = 10  # below the smallest drawn object (a cross of side 6: 20 pixels)
+MIN_SHAPE_IOU = 0.75  # rendered objects match their shape's template exactly (IoU 1)
+MIN_COLOR_PURITY = 0.75
 _PALETTE_CK = np.array(list(shapes_world.COLORS.values()), np.float64)
 _IMAGE_SHAPE = (shapes_world.IMAGE_SIZE, shapes_world.IMAGE_SIZE, 3)
 
@@ -66,10 +71,14 @@ def detect(image_HWC: np.ndarray) -> dict[str, list[dict]]:
             continue
         rows, cols = np.nonzero(component_HW)
         box = (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
-        mean_rgb = pixels_HWC[component_HW].mean(0)
-        color = list(shapes_world.COLORS)[int(np.argmin(((_PALETTE_CK - mean_rgb) ** 2).sum(-1)))]
-        found.append((area, label, classify_shape(component_HW[box[1]:box[3], box[0]:box[2]]),
-                      {"color": color, "box": box, "area": area}))
+        pixels_NC = pixels_HWC[component_HW]
+        color_index = _nearest_palette_entry(pixels_NC.mean(0))
+        shape, iou = best_shape(component_HW[box[1]:box[3], box[0]:box[2]])
+        purity = np.mean(_nearest_palette_entry(pixels_NC) == color_index)
+        if iou < MIN_SHAPE_IOU or purity < MIN_COLOR_PURITY:
+            continue
+        found.append((area, label, shape, {"color": list(shapes_world.COLORS)[color_index], "box": box,
+                                           "area": area}))
     detections = {}
     # Largest first; among equal areas, raster order, so the ordering is deterministic.
     for _, _, shape, detection in sorted(found, key=lambda item: (-item[0], item[1])):
@@ -77,14 +86,24 @@ def detect(image_HWC: np.ndarray) -> dict[str, list[dict]]:
     return detections
 
 
-def classify_shape(crop_HW: np.ndarray) -> str:
-    """The shape whose mask at the crop's size overlaps the crop best (IoU); the first of SHAPES on ties."""
+def _nearest_palette_entry(rgb_NC):
+    return np.argmin(((np.asarray(rgb_NC, np.float64)[..., None, :] - _PALETTE_CK) ** 2).sum(-1), axis=-1)
+
+
+def best_shape(crop_HW: np.ndarray) -> tuple[str, float]:
+    """(shape, IoU): the shape whose mask at the crop's size overlaps the crop best; the first of SHAPES on ties."""
     height, width = crop_HW.shape
     ious = []
     for shape in shapes_world.SHAPES:
         template_HW = shapes_world.shape_mask(shape, height, width)
         ious.append((crop_HW & template_HW).sum() / (crop_HW | template_HW).sum())
-    return shapes_world.SHAPES[int(np.argmax(ious))]
+    best = int(np.argmax(ious))
+    return shapes_world.SHAPES[best], float(ious[best])
+
+
+def classify_shape(crop_HW: np.ndarray) -> str:
+    """The shape whose mask at the crop's size overlaps the crop best (IoU); the first of SHAPES on ties."""
+    return best_shape(crop_HW)[0]
 
 
 def evaluate(detections: dict, spec) -> tuple[bool, str]:

@@ -219,11 +219,24 @@ def test_noise_below_the_area_threshold_is_ignored(rendered):
     assert geneval_shapes.score(noisy_NHWC, specs)["overall"] == 1.0
     # A blob of MIN_AREA pixels (a 2x5 bar, away from the objects) is detected as one more object.
     counting = [i for i, e in enumerate(rendered) if e["task"] == "counting"]
-    for index in counting:
-        row, col = free_spot(background_NHW[index], 2, 5)
+    for index in counting:  # away from the objects and the speckles
+        row, col = free_spot((noisy_NHWC[index] == shapes_world.BACKGROUND_RGB).all(-1), 2, 5)
         noisy_NHWC[index, row:row + 2, col:col + 5] = shapes_world.COLORS["red"]
     detected = [sum(len(ds) for ds in geneval_shapes.detect(noisy_NHWC[i]).values()) for i in counting]
     assert detected == [len(json.loads(rendered[i]["objects"])) + 1 for i in counting]
+
+
+def test_coloured_noise_holds_no_objects(rendered):
+    """What an untrained image model draws (speckled colours, patchy blobs) passes no task, not even single_object."""
+    _, specs = as_arrays(rendered)
+    rng = np.random.default_rng(0)
+    palette_K3 = np.array(list(shapes_world.COLORS.values()) + [shapes_world.BACKGROUND_RGB], np.uint8)
+    speckled_NHWC = palette_K3[rng.integers(0, len(palette_K3), (len(specs), 32, 32))]
+    patchy_NHWC = np.kron(palette_K3[rng.integers(0, len(palette_K3), (len(specs), 8, 8))],
+                          np.ones((1, 4, 4, 1), np.uint8))
+    uniform_NHWC = rng.integers(0, 256, (len(specs), 32, 32, 3), dtype=np.uint8)
+    for images_NHWC in (speckled_NHWC, patchy_NHWC, uniform_NHWC):
+        assert geneval_shapes.score(images_NHWC, specs)["overall"] == 0.0
 
 
 def free_spot(background_HW, height, width) -> tuple[int, int]:
