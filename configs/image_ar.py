@@ -20,8 +20,8 @@ image starts), pads it on the left and is the null caption of classifier-free gu
           losses, its GenEval accuracy per task, and the DiSA speed-up (benchmarks/image_ar.py: constant 50 steps,
           DiSA 50 -> 5 linear, constant 5) have not been run. A sanity run of 80 steps on 2,000 images: diffusion
           loss 0.99 -> 0.11, caption loss 6.3 -> 0.93; its samples (25 DDPM steps) have black backgrounds with
-          patches of coloured noise, no shapes yet (GenEval overall 0.23, of which single_object's 1.0 is passed by
-          any noisy image: the scorer finds every shape in noise).
+          patches of coloured noise, no shapes yet (GenEval overall 0.23 by the scorer of then, which found shapes
+          in noise; it now drops components that match no shape or mix colours, and noise scores 0).
 
 Sampling (config.evaluate.image_generation): DDPM, 50 steps per token (DiSA constant), temperature 1, guidance 3
 (the unconditional rows batched with the conditional ones), x0 clipped to the pixel range. Speed does not depend on
