@@ -214,20 +214,19 @@ def plot(report, path):
     import matplotlib.pyplot as plt
 
     fig, (quality_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, rows in report["quality"].items():
+    for color, (name, rows) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], report["quality"].items()):
         for rates, style in (("uniform", "--"), ("searched", "-")):
             points = sorted((r["achieved_budget"], r["accuracy_retained"]) for r in rows if r["rates"] == rates)
             if points:
-                quality_ax.plot(*zip(*points), style, marker="o", label=f"{name}, {rates}")
+                quality_ax.plot(*zip(*points), style, color=color, marker="o", label=f"{name}, {rates}")
     quality_ax.axhline(0.9, color="gray", lw=0.8, ls=":")
     quality_ax.set(xlabel="average cache budget (rank / head_dim)", ylabel="top-1 accuracy / uncompressed",
                    title="Next-token accuracy retained")
     quality_ax.legend(fontsize=8)
     for batch in sorted({r["batch"] for r in report["decode"]["rows"]}):
-        rows = sorted((r for r in report["decode"]["rows"] if r["batch"] == batch), key=lambda r: r["kv_rank"])
-        budgets = [r["kv_rank"] / report["head_dim"] if r["kv_rank"] else 1.0 for r in rows]
-        time_ax.plot(budgets, [r["time_ratio"] for r in rows], marker="o", label=f"batch {batch}")
-    time_ax.set(xlabel="cache budget (uncompressed = 1)", ylabel="decode step time / uncompressed",
+        points = sorted((r["bytes_ratio"], r["time_ratio"]) for r in report["decode"]["rows"] if r["batch"] == batch)
+        time_ax.plot(*zip(*points), marker="o", label=f"batch {batch}")
+    time_ax.set(xlabel="cache bytes / uncompressed", ylabel="decode step time / uncompressed",
                 title=f"Decode step over {report['decode']['context']} cached tokens")
     time_ax.legend()
     fig.tight_layout()
