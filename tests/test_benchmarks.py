@@ -167,6 +167,7 @@ def test_speculative_benchmark_with_the_target_as_its_own_draft(checkpoint, tmp_
             assert np.isclose(row["forwards_per_token"], (1 + (2 if shape == "chain" else 3)) / 9)
 
 
+@pytest.mark.slow
 def test_matryoshka_kv_benchmark_measures_every_bases_budget_and_rate_file(checkpoint, tmp_path):
     """PCA bases of the checkpoint and a rate file at one budget: uniform rows at every budget (full rank is the
     uncompressed model), a searched row where the file is, and decode steps whose cache bytes follow the rank."""

@@ -65,7 +65,7 @@ def _strategy_classes() -> set[str]:
 
 
 # Strategies over another model family, checked with that model where it is tested.
-OTHER_FAMILIES = {"DiffusionTokens": "tests/test_image_ar.py: engine sampling equals an uncached reference, sharded too"}
+OTHER_FAMILIES = {"DiffusionTokens": "tests/test_image_ar.py: engine sampling equals an uncached reference, sharded"}
 
 
 def test_every_strategy_is_checked():
