@@ -80,6 +80,13 @@ def rank_configurations(head_dim: int, num_layers: int, num_kv_heads: int, budge
     return configurations
 
 
+def next_token_nll_and_top(logits_BTV, targets_BT):
+    """(summed next-token negative log-likelihood, argmax per position) of logits against their targets."""
+    log_p_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+    nll = -jnp.sum(jnp.take_along_axis(log_p_BTV, targets_BT[..., None], axis=-1))
+    return nll, jnp.argmax(logits_BTV, axis=-1)
+
+
 def quality(model, params, batches, reference, configurations) -> list[dict]:
     """Perplexity, accuracy and agreement of `model` (kv_rank = head_dim) with `params` at each configuration."""
     config = model.config
@@ -90,11 +97,8 @@ def quality(model, params, batches, reference, configurations) -> list[dict]:
     def sums(params, key_LK, value_LK, tokens_BT1, reference_top_BT):
         variables = {"params": params, matryoshka_kv.RANKS: matryoshka_kv.ranks_collection(layers, key_LK, value_LK)}
         logits_BTV, _ = model.apply(variables, tokens_BT1[:, :-1])
-        log_p_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-        targets_BT = tokens_BT1[:, 1:]
-        top_BT = jnp.argmax(logits_BTV, axis=-1)
-        nll = -jnp.sum(jnp.take_along_axis(log_p_BTV, targets_BT[..., None], axis=-1))
-        return nll, jnp.sum(top_BT == targets_BT), jnp.sum(top_BT == reference_top_BT)
+        nll, top_BT = next_token_nll_and_top(logits_BTV, tokens_BT1[:, 1:])
+        return nll, jnp.sum(top_BT == tokens_BT1[:, 1:]), jnp.sum(top_BT == reference_top_BT)
 
     rows = []
     for configuration in configurations:
@@ -115,15 +119,15 @@ def quality(model, params, batches, reference, configurations) -> list[dict]:
 
 def uncompressed_reference(model, params, batches) -> dict:
     """The uncompressed model's argmax per position and its perplexity and accuracy on the batches."""
-    forward = jax.jit(lambda p, tokens_BT1: model.apply({"params": p}, tokens_BT1[:, :-1])[0])
+    forward = jax.jit(lambda p, tokens_BT1: next_token_nll_and_top(model.apply({"params": p}, tokens_BT1[:, :-1])[0],
+                                                                    tokens_BT1[:, 1:]))
     tops, nll, correct, positions = [], 0.0, 0, 0
     for batch in batches:
-        logits_BTV = forward(params, batch["tokens"])
+        batch_nll, top_BT = forward(params, batch["tokens"])
         targets_BT = batch["tokens"][:, 1:]
-        tops.append(jnp.argmax(logits_BTV, axis=-1))
-        log_p_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-        nll += float(-jnp.sum(jnp.take_along_axis(log_p_BTV, targets_BT[..., None], axis=-1)))
-        correct += int(jnp.sum(tops[-1] == targets_BT))
+        tops.append(top_BT)
+        nll += float(batch_nll)
+        correct += int(jnp.sum(top_BT == targets_BT))
         positions += targets_BT.size
     return {"top": tops, "positions": positions, "perplexity": float(np.exp(nll / positions)),
             "accuracy": correct / positions}
