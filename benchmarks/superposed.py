@@ -113,10 +113,10 @@ def synthetic_store(vocab_size: int, num_tokens: int, path: str) -> dict:
                                       vocab_size=vocab_size)
 
 
-def median_seconds(contenders: dict, repeats: int) -> dict:
-    """{name: median seconds of calling it}; each is called once to compile, then the repeats go round-robin, so the
-    drift of a shared machine hits every contender alike."""
-    for fn in contenders.values():
+def median_seconds(contenders: dict, repeats: int, compiled: bool = False) -> dict:
+    """{name: median seconds of calling it}; each is called once to compile (unless `compiled`: the caller has run
+    them), then the repeats go round-robin, so the drift of a shared machine hits every contender alike."""
+    for fn in () if compiled else contenders.values():
         fn()
     times = {name: [] for name in contenders}
     for _ in range(repeats):

@@ -10,24 +10,38 @@ on the captions: the world's ~35 words become single tokens; its end-of-text tok
 image starts), pads it on the left and is the null caption of classifier-free guidance (data/image_pipeline.py).
 
   tiny    seconds, for tests/test_image_ar_train.py: 2 layers of width 32, 64 training images, 4 steps.
-  shapes  2.2M parameters (1.3M of them the diffusion head), 2 CPU cores:
+  shapes  2.2M parameters (1.3M of them the diffusion head), 2 CPU cores. The measured run is three runs, each
+          starting from the one before (init_from: parameters only, a fresh optimizer and schedule):
             python train.py --config=configs/image_ar.py:shapes --workdir=workdirs/image_ar
-            python evaluate.py --config=configs/image_ar.py:shapes --workdir=workdirs/image_ar
-            python benchmarks/image_ar.py --workdir=workdirs/image_ar
-          The first command renders the 22,000-image world once (TFDS, array_record), then trains 2,400 steps of 32
-          images: ~1.55 s/step measured over 30 steps on 2 shared CPU cores, so ~1 hour (the loss fell from 6.7 to
-          4.9 in those 30 steps, the diffusion loss from 0.99 to 0.70). Result not measured yet: the full run's
-          losses, its GenEval accuracy per task, and the DiSA speed-up (benchmarks/image_ar.py: constant 50 steps,
-          DiSA 50 -> 5 linear, constant 5) have not been run. A sanity run of 80 steps on 2,000 images: diffusion
-          loss 0.99 -> 0.11, caption loss 6.3 -> 0.93; its samples (25 DDPM steps) have black backgrounds with
-          patches of coloured noise, no shapes yet (GenEval overall 0.23 by the scorer of then, which found shapes
-          in noise; it now drops components that match no shape or mix colours, and noise scores 0).
+            python train.py --config=configs/image_ar.py:shapes --workdir=workdirs/image_ar_ft \
+                --config.init_from=workdir:workdirs/image_ar --config.model.text_weight=0.02 \
+                --config.train.num_steps=2000
+            python train.py --config=configs/image_ar.py:shapes --workdir=workdirs/image_ar_ft2 \
+                --config.init_from=workdir:workdirs/image_ar_ft --config.model.text_weight=0.02 \
+                --config.train.num_steps=1400
+            python evaluate.py --config=configs/image_ar.py:shapes --workdir=workdirs/image_ar_ft2 \
+                --config.model.text_weight=0.02
+            python benchmarks/image_ar.py --workdir=workdirs/image_ar_ft2 --prompts-per-task=4 --images-per-prompt=8 \
+                --repeats=2
+          The first renders the 22,000-image world once (TFDS, array_record). 5,800 steps of 32 images in all
+          (~9 epochs), 0.76-0.94 s/step, ~86 minutes on 2 shared CPU cores (~37 + 31 + 18). Expect:
+            steps 2400 (text_weight 1): caption loss 0.48, diffusion loss 0.019; validation diffusion loss 0.0209,
+              0.0211 with every caption dropped: the images barely depend on their captions, and GenEval is 0.01
+            + 2000 at text_weight 0.02 (the caption's cross-entropy, 25x the diffusion loss, had most of the
+              backbone's gradient): validation diffusion 0.0125 (0.0129 without captions), GenEval 0.17
+            + 1400: validation diffusion 0.0095 (0.0100 without captions), caption loss 0.455; GenEval over 80
+              images (evaluate.py): single object 1.00, two objects 0.38, counting 0.17, colours 0.06, position 0.06,
+              colour attribution 0.00, overall 0.28. The shapes are clean and counts follow "four" somewhat; colours
+              and positions do not follow the caption yet (the losses were still falling: train longer).
+          benchmarks/image_ar.py on 160 images (20 held-out prompts x 8), DDPM, guidance 3: constant 50 steps
+          5.0 images/s, GenEval 0.248; constant 100 2.6/s, 0.243; DiSA 50 -> 5 linear 8.8/s (1.75x over 50, 3.4x
+          over 100), 0.248; cosine 8.9/s (1.76x), 0.250; two-stage 8.6/s (1.71x), 0.248; constant 5 31.2/s (6.2x),
+          0.227. Every 50 -> 5 schedule runs ~27.5 steps a token, so 1.8x over constant 50 is its ceiling.
 
 Sampling (config.evaluate.image_generation): DDPM, 50 steps per token (DiSA constant), temperature 1, guidance 3
-(the unconditional rows batched with the conditional ones), x0 clipped to the pixel range. Speed does not depend on
-the weights: `python benchmarks/image_ar.py --preset=shapes --prompts-per-task=1 --images-per-prompt=2 --repeats=1`
-(random init, 12 images in one engine call, 2 shared CPU cores) measured 4.30 s at constant 50 steps, 2.52 s with
-DiSA linear 50 -> 5 (1.7x) and 0.61 s at constant 5 (7x): wall time follows the steps run.
+(the unconditional rows batched with the conditional ones), x0 clipped to the pixel range. Temperatures below 1
+collapse raster-order sampling to the background (each token's likeliest value is background, so no object is
+ever started): 0.4 gave blank images. Speed does not depend on the weights.
 """
 
 import ml_collections
@@ -63,8 +77,9 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
 
     config.optimizer.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.02, grad_clip_norm=3.0)
     config.train.update(num_steps=2400, log_every=50, checkpoint_every=400, evaluate_every=2400,
-                        evaluators=("image_generation",))
-    config.evaluate.run = ("image_generation",)
+                        evaluators=("validation", "image_generation"))
+    config.evaluate.run = ("validation", "image_generation")
+    config.evaluate.validation.num_batches = 8  # 256 of the validation split's images: caption and diffusion loss
     config.evaluate.image_generation = ml_collections.ConfigDict(dict(
         prompts_per_task=4,
         images_per_prompt=4,
@@ -77,6 +92,7 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
                             head_width=32, head_blocks=1)
         config.data.world.update(num_train=64, num_validation=8, num_test=8)
         config.data.global_batch_size = 8
+        config.evaluate.validation.num_batches = 1
         config.optimizer.update(warmup_steps=2)
         config.train.update(num_steps=4, log_every=1, checkpoint_every=2, evaluate_every=4)
         config.evaluate.image_generation.update(prompts_per_task=1, images_per_prompt=2, batch_size=16)

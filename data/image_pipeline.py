@@ -34,6 +34,13 @@ def prompt_tokens(tokenizer, caption: str, length: int) -> tuple[np.ndarray, int
     return np.asarray([end] * (length - len(ids)) + ids, np.int32), len(ids)
 
 
+def without_captions(batch: dict) -> dict:
+    """The batch with every caption replaced by the null caption (all padding: classifier-free guidance's
+    unconditional rows); numpy or jax arrays."""
+    text_BL = batch["text"]
+    return dict(batch, text=text_BL[:, :1].repeat(text_BL.shape[1], axis=1), caption_tokens=0 * batch["caption_tokens"])
+
+
 def check_captions_fit(tokenizer, length: int) -> None:
     """Every caption the world can make (seen and held-out prompts) fits `length`: a one-line error otherwise."""
     longest = max((p["prompt"] for task in shapes_world.TASKS for p in shapes_world.task_prompts(task)),
@@ -64,3 +71,21 @@ def train_iterator(data_config, tokenizer, source, *, seed: int, process_index: 
     layout = _Layout(tokenizer, data_config.caption_tokens)
     batches = examples.shuffle(seed=seed).repeat().map(layout).batch(local_batch, drop_remainder=True)
     return iter(batches.to_iter_dataset())
+
+
+def eval_batches(data_config, tokenizer, source, *, num_batches: int, process_index: int,
+                 process_count: int) -> list[dict]:
+    """The first num_batches global batches of the split, in order; this host's rows of each."""
+    check_captions_fit(tokenizer, data_config.caption_tokens)
+    local_batch, global_batch = local_batch_size(data_config, process_count), data_config.global_batch_size
+    num_batches = min(num_batches, len(source) // global_batch)
+    if not num_batches:
+        raise InputError(f"config.data.global_batch_size={global_batch}: the shapes world's validation split has "
+                         f"only {len(source)} examples (config.data.world.num_validation)")
+    layout = _Layout(tokenizer, data_config.caption_tokens)
+    batches = []
+    for b in range(num_batches):
+        first = b * global_batch + process_index * local_batch
+        rows = [layout.map(source[index]) for index in range(first, first + local_batch)]
+        batches.append({key: np.stack([row[key] for row in rows]) for key in rows[0]})
+    return batches

@@ -12,7 +12,7 @@ from PIL import Image
 import evaluate
 import train
 from configs import image_ar
-from data import corpus
+from data import corpus, image_pipeline, tokenizer as tokenizer_lib
 from errors import InputError
 from parallel import mesh as mesh_lib
 
@@ -46,6 +46,10 @@ def test_tiny_run_trains_samples_and_scores(data_dir, tmp_path):
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert all(entry["diffusion_loss"] > 0 and entry["text_loss"] > 0 for entry in history if "loss" in entry)
     scores = history[-1]
+    assert scores["eval/validation/loss"] == pytest.approx(
+        scores["eval/validation/text_loss"] + scores["eval/validation/diffusion_loss"])
+    assert scores["eval/validation/diffusion_loss"] > 0 and "eval/validation/perplexity" not in scores
+    assert scores["eval/validation/null_caption_diffusion_loss"] != scores["eval/validation/diffusion_loss"]
     tasks = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
     accuracies = [scores[f"eval/image_generation/geneval/{task}"] for task in tasks]
     assert all(0 <= a <= 1 for a in accuracies)
@@ -58,6 +62,26 @@ def test_tiny_run_trains_samples_and_scores(data_dir, tmp_path):
     results = evaluate.evaluate(tiny_config(data_dir), str(workdir))
     assert results["step"] == 4 and set(results["image_generation"]["geneval"]) == {*tasks, "overall"}
     assert os.path.exists(workdir / "eval_results.json")
+
+
+def test_validation_batches_are_the_split_in_order_shared_between_hosts(data_dir):
+    config = tiny_config(data_dir)
+    config.data.global_batch_size = 4
+    source = corpus.load_corpus(config.data)["validation"]
+    tokenizer = tokenizer_lib.train_tokenizer(config.data, corpus.load_corpus(config.data)["train"],
+                                              config.model.vocab_size)
+    one_host = image_pipeline.eval_batches(config.data, tokenizer, source, num_batches=5, process_index=0,
+                                           process_count=1)
+    assert len(one_host) == len(source) // 4  # as many whole batches as the split holds
+    assert np.array_equal(np.concatenate([batch["image"] for batch in one_host]), np.stack(
+        [source[i]["image"] for i in range(len(one_host) * 4)]))
+    hosts = [image_pipeline.eval_batches(config.data, tokenizer, source, num_batches=5, process_index=p,
+                                         process_count=2) for p in range(2)]
+    for batch, first, second in zip(one_host, *hosts):
+        for key in batch:
+            assert np.array_equal(batch[key], np.concatenate([first[key], second[key]]))
+    without = image_pipeline.without_captions(one_host[0])
+    assert (without["text"] == one_host[0]["text"][:, :1]).all() and not without["caption_tokens"].any()
 
 
 @pytest.mark.slow
