@@ -1,5 +1,5 @@
 """Diffusion steps per image token, side by side in one process: constant T_up, DiSA annealing from T_up to T_low,
-constant T_low; images per second and GenEval accuracy on the shapes world's held-out prompts.
+constant T_low; images per second and GenEval accuracy on the shapes world's held-out (or seen) prompts.
 
   python benchmarks/image_ar.py --workdir workdirs/image_ar --out workdirs/bench_image_ar
 
@@ -7,9 +7,9 @@ The model is the latest checkpoint of --workdir, trained with configs/image_ar.p
 its tokenizer; without a checkpoint, a random initialisation and a tokenizer trained on the world's captions (speed
 only: its images are noise). Each schedule of --schedules (STRATEGY:T_UP[:T_LOW], samplers/disa.py; default
 constant 50, MAR's constant 100, DiSA's linear, cosine and two-stage 50 -> 5, constant 5) samples the same prompts
-(--prompts-per-task held-out prompts of each task, --images-per-prompt images each, one engine call of all of them)
-with the same seed and the sampler settings of config.evaluate.image_generation.denoise (DDPM, guidance 3 by
-default); reported:
+(--prompts-per-task prompts of each task, held-out ones unless --prompts=seen, --images-per-prompt images each, one
+engine call of all of them) with the same seed and the sampler settings of config.evaluate.image_generation.denoise
+(DDPM, guidance 3 by default); reported:
   diffusion_steps_per_image   the schedule's steps summed over the image's tokens (each runs the head once on the
                               conditional and null rows together)
   seconds, images_per_second  median wall time of the whole call over --repeats, taken round-robin after a warm-up
@@ -91,6 +91,8 @@ def main(argv=None):
     parser.add_argument("--preset", default="shapes", choices=image_ar_config.PRESETS)
     parser.add_argument("--schedules",
                         default="constant:50,constant:100,linear:50:5,cosine:50:5,two_stage:50:5,constant:5")
+    parser.add_argument("--prompts", default="held_out", choices=image_generation.PROMPT_SETS,
+                        help="the test split's held-out prompts or the train split's seen ones")
     parser.add_argument("--prompts-per-task", type=int, default=2)
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
@@ -100,8 +102,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
 
     config, model, params, tokenizer, source = load(args.preset, args.workdir)
-    prompts = image_generation.held_out_prompts(config.data.world.held_out_fraction, args.prompts_per_task,
-                                                config.seed)
+    prompts = image_generation.evaluation_prompts(args.prompts, config.data.world.held_out_fraction,
+                                                  args.prompts_per_task, config.seed)
     specs = [prompt for prompt in prompts for _ in range(args.images_per_prompt)]
     rows = [image_pipeline.prompt_tokens(tokenizer, spec["prompt"], config.data.caption_tokens)[0].tolist()
             for spec in specs]
@@ -109,9 +111,9 @@ def main(argv=None):
     schedules = [parse_schedule(text) for text in args.schedules.split(",")]
     results = measure(model, params, rows, specs, schedules, denoise, args.repeats, config.seed)
     report = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "preset": args.preset,
-              "params": source, "images": len(rows), "image_tokens": model.config.num_image_tokens,
-              "denoise": config.evaluate.image_generation.denoise.to_dict(), "repeats": args.repeats,
-              "results": results}
+              "params": source, "prompts": args.prompts, "images": len(rows),
+              "image_tokens": model.config.num_image_tokens, "repeats": args.repeats,
+              "denoise": config.evaluate.image_generation.denoise.to_dict(), "results": results}
     (out / "image_ar.json").write_text(json.dumps(report, indent=2))
     plot(report, out / "image_ar.png")
     print(f"wrote {out / 'image_ar.json'} and {out / 'image_ar.png'}")

@@ -81,6 +81,7 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
     config.evaluate.run = ("validation", "image_generation")
     config.evaluate.validation.num_batches = 8  # 256 of the validation split's images: caption and diffusion loss
     config.evaluate.image_generation = ml_collections.ConfigDict(dict(
+        prompts="held_out",  # the test split's prompts, never in training; "seen": the train split's captions
         prompts_per_task=4,
         images_per_prompt=4,
         batch_size=32,

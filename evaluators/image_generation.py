@@ -1,15 +1,17 @@
-"""Images of held-out prompts by the image model (models/image_ar.py) sampled through the decode engine
+"""Images of prompts by the image model (models/image_ar.py) sampled through the decode engine
 (samplers/image_tokens.py), scored by GenEval's rules on the shapes world (metrics/geneval_shapes.py).
 
-For each of GenEval's six tasks, prompts_per_task of the prompts the train split never shows (data/shapes_world.py's
-held-out ones, a fixed draw by config.seed) get images_per_prompt images each. Results: the scorer's accuracy per
-task and overall (their mean, GenEval's score), which train.py writes to the metrics stream as
-eval/image_generation/geneval/<task>; and a PNG grid per prompt, its images side by side, in
-WORKDIR/image_generation/<task>_<n>.png with prompts.json naming each file's caption (rewritten by every run).
+For each of GenEval's six tasks, prompts_per_task prompts (a fixed draw by config.seed) get images_per_prompt images
+each: by default prompts the train split never shows (prompts="held_out", data/shapes_world.py's held-out ones:
+compositional generalisation), or with prompts="seen" the train split's own captions (whether the model follows
+captions at all). Results: the scorer's accuracy per task and overall (their mean, GenEval's score), which train.py
+writes to the metrics stream as eval/image_generation/geneval/<task>; and a PNG grid per prompt, its images side by
+side, in WORKDIR/image_generation/<task>_<n>.png with prompts.json naming each file's caption (rewritten by every
+run).
 
-config.evaluate.image_generation: prompts_per_task, images_per_prompt, batch_size (rows per engine call), denoise
-(samplers.denoise.DenoiseConfig's fields: method, temperature, guidance_scale, clip_x0) and steps (DiSA's schedule,
-samplers.disa.StepSchedule's fields: strategy, steps_up, steps_low).
+config.evaluate.image_generation: prompts ("held_out" | "seen"), prompts_per_task, images_per_prompt, batch_size
+(rows per engine call), denoise (samplers.denoise.DenoiseConfig's fields: method, temperature, guidance_scale,
+clip_x0) and steps (DiSA's schedule, samplers.disa.StepSchedule's fields: strategy, steps_up, steps_low).
 """
 
 import json
@@ -28,6 +30,7 @@ from samplers.engine import Sampler, SamplerConfig
 from samplers.image_tokens import DiffusionTokens
 
 GAP = 2  # background pixels between the images of a grid
+PROMPT_SETS = ("held_out", "seen")
 
 
 def strategy(section, key: str = "config.evaluate.image_generation") -> DiffusionTokens:
@@ -45,6 +48,7 @@ def strategy(section, key: str = "config.evaluate.image_generation") -> Diffusio
 
 
 def validate(section, config) -> None:
+    checks.choice("config.evaluate.image_generation.prompts", section.prompts, PROMPT_SETS)
     for name in ("prompts_per_task", "images_per_prompt", "batch_size"):
         checks.integer(f"config.evaluate.image_generation.{name}", section[name], minimum=1)
     strategy(section)
@@ -53,13 +57,15 @@ def validate(section, config) -> None:
                          f"(config.data.corpus={config.data.corpus!r})")
 
 
-def held_out_prompts(held_out_fraction: float, per_task: int, seed: int) -> list[dict]:
-    """per_task held-out prompts of each task (all of a task's if it has fewer), a fixed draw by seed."""
-    _, held_out = shapes_world.split_prompts(held_out_fraction)
+def evaluation_prompts(prompt_set: str, held_out_fraction: float, per_task: int, seed: int) -> list[dict]:
+    """per_task prompts of each task from prompt_set (PROMPT_SETS; all of a task's if it has fewer), a fixed draw
+    by seed."""
+    seen, held_out = shapes_world.split_prompts(held_out_fraction)
+    by_task = {"held_out": held_out, "seen": seen}[prompt_set]
     rng = np.random.default_rng(seed)
     chosen = []
     for task in shapes_world.TASKS:
-        prompts = held_out[task]
+        prompts = by_task[task]
         chosen += [prompts[i] for i in sorted(rng.permutation(len(prompts))[:per_task])]
     return chosen
 
@@ -85,7 +91,8 @@ class Evaluator:
     def __init__(self, section, context):
         self.section, self.context = section, context
         config = context.config
-        self.prompts = held_out_prompts(config.data.world.held_out_fraction, section.prompts_per_task, config.seed)
+        self.prompts = evaluation_prompts(section.prompts, config.data.world.held_out_fraction,
+                                          section.prompts_per_task, config.seed)
         self.rows = [image_pipeline.prompt_tokens(context.tokenizer, prompt["prompt"], config.data.caption_tokens)[0]
                      .tolist() for prompt in self.prompts for _ in range(section.images_per_prompt)]
         self.strategy = strategy(section)
@@ -117,7 +124,8 @@ class Evaluator:
 
     def report(self, results: dict) -> None:
         scores = results["geneval"]
-        print(f"GenEval on the shapes world, {results['prompts']} held-out prompts, {results['images']} images "
+        which = self.section.prompts.replace("_", "-")
+        print(f"GenEval on the shapes world, {results['prompts']} {which} prompts, {results['images']} images "
               f"(grids in {os.path.join(self.context.workdir, 'image_generation')}):")
         for task, accuracy in scores.items():
             print(f"  {task:<14} {accuracy:.3f}")

@@ -12,8 +12,9 @@ from PIL import Image
 import evaluate
 import train
 from configs import image_ar
-from data import corpus, image_pipeline, tokenizer as tokenizer_lib
+from data import corpus, image_pipeline, shapes_world, tokenizer as tokenizer_lib
 from errors import InputError
+from evaluators import image_generation
 from parallel import mesh as mesh_lib
 
 
@@ -84,6 +85,18 @@ def test_validation_batches_are_the_split_in_order_shared_between_hosts(data_dir
     assert (without["text"] == one_host[0]["text"][:, :1]).all() and not without["caption_tokens"].any()
 
 
+def test_evaluation_prompts_are_the_held_out_or_the_seen_ones():
+    seen, held_out = shapes_world.split_prompts(0.2)
+    for prompt_set, pool in (("held_out", held_out), ("seen", seen)):
+        prompts = image_generation.evaluation_prompts(prompt_set, 0.2, per_task=3, seed=0)
+        for task in shapes_world.TASKS:
+            chosen = [p["prompt"] for p in prompts if p["tag"] == task]
+            assert len(chosen) == min(3, len(pool[task])) == len(set(chosen))
+            assert set(chosen) <= {p["prompt"] for p in pool[task]}
+    assert prompts == image_generation.evaluation_prompts("seen", 0.2, per_task=3, seed=0)
+    assert prompts != image_generation.evaluation_prompts("seen", 0.2, per_task=3, seed=1)
+
+
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(data_dir, tmp_path):
     straight = train.train_and_evaluate(tiny_config(data_dir, evaluate_every=0), str(tmp_path / "straight"))
@@ -100,6 +113,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(data_dir, tmp_path
     ("evaluate.image_generation.denoise.guidance_scale", -1.0,
      r"config.evaluate.image_generation.denoise.guidance_scale=-1.0 must be a finite number >= 0"),
     ("data.caption_tokens", 8, r"config.data.caption_tokens=8 cannot hold the caption"),
+    ("evaluate.image_generation.prompts", "test",
+     r"config.evaluate.image_generation.prompts='test' is not one of 'held_out', 'seen'"),
 ])
 def test_bad_input_is_one_line_errors(data_dir, tmp_path, key, value, message):
     config = tiny_config(data_dir)
