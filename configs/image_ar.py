@@ -63,9 +63,9 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
     config.model.head_blocks = 3
     config.model.schedule = "cosine"  # "cosine" (MAR) | "scaled_linear" (Orthus)
     config.model.prediction = "epsilon"  # "epsilon" (MAR) | "v" (Orthus)
-    config.model.diffusion_batch_mul = 4  # (t, noise) draws per image token (MAR: 4, Orthus: 8)
+    config.model.diffusion_batch_mul = 2  # (t, noise) draws per image token (MAR: 4, Orthus: 8); see above
     config.model.caption_drop_rate = 0.1  # captions replaced by the null caption, for classifier-free guidance
-    config.model.text_weight = 1.0  # loss = text_weight * caption cross-entropy + diffusion loss
+    config.model.text_weight = 0.02  # loss = text_weight * caption cross-entropy + diffusion loss; see above
 
     config.data.corpus = "shapes_world"  # data/shapes_dataset.py through data/corpus.py
     config.data.text_key = "caption"
@@ -76,7 +76,7 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
     config.data.global_batch_size = 32
 
     config.optimizer.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.02, grad_clip_norm=3.0)
-    config.train.update(num_steps=2400, log_every=50, checkpoint_every=400, evaluate_every=2400,
+    config.train.update(num_steps=8500, log_every=50, checkpoint_every=500, evaluate_every=3000,
                         evaluators=("validation", "image_generation"))
     config.evaluate.run = ("validation", "image_generation")
     config.evaluate.validation.num_batches = 8  # 256 of the validation split's images: caption and diffusion loss

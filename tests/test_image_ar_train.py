@@ -42,13 +42,14 @@ def one_device(monkeypatch):
 
 def test_tiny_run_trains_samples_and_scores(data_dir, tmp_path):
     workdir = tmp_path / "run"
-    history = train.train_and_evaluate(tiny_config(data_dir), str(workdir))
+    config = tiny_config(data_dir)
+    history = train.train_and_evaluate(config, str(workdir))
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert all(entry["diffusion_loss"] > 0 and entry["text_loss"] > 0 for entry in history if "loss" in entry)
     scores = history[-1]
     assert scores["eval/validation/loss"] == pytest.approx(
-        scores["eval/validation/text_loss"] + scores["eval/validation/diffusion_loss"])
+        config.model.text_weight * scores["eval/validation/text_loss"] + scores["eval/validation/diffusion_loss"])
     assert scores["eval/validation/diffusion_loss"] > 0 and "eval/validation/perplexity" not in scores
     assert scores["eval/validation/null_caption_diffusion_loss"] != scores["eval/validation/diffusion_loss"]
     tasks = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
